@@ -1,0 +1,26 @@
+# Two commands do all setup on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dfre-installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e ".[models,hpc,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dfre demo
+
+test: $(STAMP)
+	$(BIN)/ruff check dfre tests benchmarks
+	$(BIN)/python -m pytest tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check dfre tests benchmarks
+	$(BIN)/ruff format --check dfre tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo-store.zarr demo-report
