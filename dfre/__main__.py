@@ -1,0 +1,5 @@
+import sys
+
+from dfre.cli import main
+
+sys.exit(main())

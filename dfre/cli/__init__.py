@@ -1,0 +1,50 @@
+"""The ``dfre`` command.
+
+Each sub-command lives in its own small module of this package with two functions:
+``add_parser(subparsers)`` declares its arguments and ``run(args)`` calls the library.
+Errors the user can fix arrive as :class:`dfre.errors.DfreError` and are printed as
+one line ``dfre: error: ...`` with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dfre import __version__
+from dfre.errors import DfreError
+
+#: Modules of ``dfre.cli`` that each define one or more sub-commands, in help order.
+COMMAND_MODULES: list[str] = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dfre",
+        description="Compare the latent features of machine-learning interatomic potentials "
+        "on whole datasets: feature extraction, GFRE, LFRE, cumulant descriptors, maps.",
+    )
+    parser.add_argument("--version", action="version", version=f"dfre {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"dfre.cli.{name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.handler(args)
+    except DfreError as error:
+        print(f"dfre: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("dfre: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

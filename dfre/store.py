@@ -1,0 +1,495 @@
+"""The dfre store: one Zarr v3 group holding structures, features, descriptors and results.
+
+Layout (see ``DESIGN.md``)::
+
+    <store>/                       attrs: dfre_schema_version, created, n_structures, n_atoms,
+                                          provenance (one record per ingested source)
+      structures/
+        numbers    int16   (n_atoms,)
+        positions  float64 (n_atoms, 3)
+        offsets    int64   (n_structures + 1,)  atoms of structure s: offsets[s]:offsets[s+1]
+        cell       float64 (n_structures, 3, 3)
+        pbc        bool    (n_structures, 3)
+        info/<key> float64 or str (n_structures,)
+      features/<model>/<layer>  float32 (n_atoms, d)
+      descriptors/<name>        float64 (n_structures, D)
+      results/<run>/            arrays and attrs of one analysis run
+
+Rows of every per-atom array are the same atoms in the same order, so the feature
+sets of different models line up row by row.
+
+Appending is crash-safe: the arrays are written first and the counts in the group
+attributes are updated last, so the attributes are the commit point. Readers only
+look at rows below the committed counts; rows written by an interrupted append are
+invisible and overwritten by the next one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from dfre.errors import DfreError
+
+SCHEMA_VERSION = 1
+DEFAULT_CHUNK_ATOMS = 1 << 16
+DEFAULT_CHUNK_STRUCTURES = 1 << 14
+
+#: Label used for structures whose info has no subset key.
+UNLABELLED = "unlabelled"
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class StructureBlock:
+    """A batch of structures in store layout, ready to be appended.
+
+    ``counts[s]`` atoms of structure ``s`` occupy consecutive rows of ``numbers`` and
+    ``positions``. ``info`` maps a key to one value per structure (``float`` or
+    ``str``; ``None`` where a structure has no value).
+    """
+
+    numbers: np.ndarray
+    positions: np.ndarray
+    counts: np.ndarray
+    cell: np.ndarray
+    pbc: np.ndarray
+    info: dict[str, list[Any]] = field(default_factory=dict)
+
+    @property
+    def n_structures(self) -> int:
+        return len(self.counts)
+
+    @property
+    def n_atoms(self) -> int:
+        return len(self.numbers)
+
+    @classmethod
+    def from_atoms(cls, frames: Sequence[Any], info: dict[str, list[Any]] | None = None):
+        """Build a block from ASE ``Atoms``; ``info`` gives per-structure values."""
+        counts = np.array([len(a) for a in frames], dtype=np.int64)
+        numbers = (
+            np.concatenate([a.numbers for a in frames]).astype(np.int16)
+            if frames
+            else np.zeros(0, np.int16)
+        )
+        positions = (
+            np.concatenate([a.positions for a in frames]).astype(np.float64)
+            if frames
+            else np.zeros((0, 3))
+        )
+        cell = np.array([np.asarray(a.cell[:], dtype=np.float64) for a in frames]).reshape(-1, 3, 3)
+        pbc = np.array([np.asarray(a.pbc, dtype=bool) for a in frames]).reshape(-1, 3)
+        return cls(numbers, positions, counts, cell, pbc, dict(info or {}))
+
+
+class Store:
+    """A dfre store opened from a local path or any fsspec URL that zarr accepts."""
+
+    def __init__(self, group: zarr.Group, path: str, *, writable: bool):
+        self.group = group
+        self.path = path
+        self.writable = writable
+        self._offsets: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        chunk_atoms: int = DEFAULT_CHUNK_ATOMS,
+        chunk_structures: int = DEFAULT_CHUNK_STRUCTURES,
+    ) -> Store:
+        """Create an empty store at ``path``; refuse to overwrite anything there."""
+        path = os.fspath(path)
+        if not _is_url(path) and os.path.exists(path):
+            if os.path.isfile(path):
+                raise DfreError(
+                    f"store path {path} is a file, not a Zarr store: give a directory path"
+                )
+            if os.listdir(path):
+                raise DfreError(
+                    f"cannot create a store at {path}: the directory is not empty; "
+                    "choose a new path or remove it"
+                )
+        if chunk_atoms < 1 or chunk_structures < 1:
+            raise DfreError("chunk sizes must be positive integers")
+        group = zarr.open_group(store=path, mode="w-", zarr_format=3)
+        s = group.create_group("structures")
+        s.create_array("numbers", shape=(0,), chunks=(chunk_atoms,), dtype="int16")
+        s.create_array("positions", shape=(0, 3), chunks=(chunk_atoms, 3), dtype="float64")
+        offsets = s.create_array(
+            "offsets", shape=(1,), chunks=(chunk_structures,), dtype="int64", fill_value=0
+        )
+        offsets[:] = 0
+        s.create_array("cell", shape=(0, 3, 3), chunks=(chunk_structures, 3, 3), dtype="float64")
+        s.create_array("pbc", shape=(0, 3), chunks=(chunk_structures, 3), dtype="bool")
+        s.create_group("info")
+        for name in ("features", "descriptors", "results"):
+            group.create_group(name)
+        group.attrs.update(
+            {
+                "dfre_schema_version": SCHEMA_VERSION,
+                "created": _now(),
+                "n_structures": 0,
+                "n_atoms": 0,
+                "chunk_atoms": chunk_atoms,
+                "chunk_structures": chunk_structures,
+                "provenance": [],
+            }
+        )
+        return cls(group, path, writable=True)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r") -> Store:
+        """Open an existing store read-only (``mode="r"``) or for appending (``"r+"``)."""
+        path = os.fspath(path)
+        if not _is_url(path):
+            if os.path.isfile(path):
+                raise DfreError(
+                    f"store path {path} is a file, not a Zarr store: give the store directory"
+                )
+            if not os.path.isdir(path):
+                raise DfreError(
+                    f"no dfre store at {path}: create one with `dfre ingest FILES --store {path}` "
+                    f"or `dfre sample --store {path}`"
+                )
+        try:
+            group = zarr.open_group(store=path, mode="r" if mode == "r" else "r+", zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as error:
+            raise DfreError(
+                f"{path} is not a Zarr v3 store ({type(error).__name__}): "
+                "point --store at a store made by dfre"
+            ) from None
+        version = group.attrs.get("dfre_schema_version")
+        if version is None:
+            raise DfreError(f"{path} is a Zarr store but not a dfre store (no dfre_schema_version)")
+        if version != SCHEMA_VERSION:
+            raise DfreError(
+                f"store {path} has dfre schema version {version}, this dfre reads version "
+                f"{SCHEMA_VERSION}: re-ingest the data with this version of dfre"
+            )
+        return cls(group, path, writable=mode != "r")
+
+    @classmethod
+    def open_or_create(cls, path: str | os.PathLike, **create_kwargs) -> Store:
+        """Open the store at ``path`` for appending, creating it if nothing is there."""
+        path = os.fspath(path)
+        if not _is_url(path) and (not os.path.exists(path) or _is_empty_dir(path)):
+            return cls.create(path, **create_kwargs)
+        if _is_url(path):
+            try:
+                return cls.open(path, mode="r+")
+            except DfreError:
+                return cls.create(path, **create_kwargs)
+        return cls.open(path, mode="r+")
+
+    def __repr__(self) -> str:
+        return f"Store({self.path!r}, {self.n_structures} structures, {self.n_atoms} atoms)"
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def n_structures(self) -> int:
+        return int(self.group.attrs["n_structures"])
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.group.attrs["n_atoms"])
+
+    @property
+    def chunk_atoms(self) -> int:
+        return int(self.group.attrs.get("chunk_atoms", DEFAULT_CHUNK_ATOMS))
+
+    @property
+    def provenance(self) -> list[dict]:
+        return list(self.group.attrs.get("provenance", []))
+
+    # ------------------------------------------------------------------ structures
+    @property
+    def structures(self) -> zarr.Group:
+        return self.group["structures"]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Row offsets of the structures, shape ``(n_structures + 1,)``."""
+        if self._offsets is None or len(self._offsets) != self.n_structures + 1:
+            self._offsets = np.asarray(self.structures["offsets"][: self.n_structures + 1])
+        return self._offsets
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Number of atoms of each structure."""
+        return np.diff(self.offsets)
+
+    def structure_index(self) -> np.ndarray:
+        """For every atom row, the index of its structure, shape ``(n_atoms,)``."""
+        return np.repeat(np.arange(self.n_structures, dtype=np.int64), self.counts)
+
+    def numbers(self) -> np.ndarray:
+        return np.asarray(self.structures["numbers"][: self.n_atoms])
+
+    def positions(self) -> da.Array:
+        """Positions of all atoms as a lazy dask array."""
+        return da.from_zarr(self.structures["positions"])[: self.n_atoms]
+
+    def cells(self) -> np.ndarray:
+        return np.asarray(self.structures["cell"][: self.n_structures])
+
+    def pbcs(self) -> np.ndarray:
+        return np.asarray(self.structures["pbc"][: self.n_structures])
+
+    def info_keys(self) -> list[str]:
+        return sorted(self.structures["info"].array_keys())
+
+    def info(self, key: str) -> np.ndarray:
+        """Per-structure values of ``key`` (NaN or "" where a structure has none)."""
+        if key not in self.info_keys():
+            raise DfreError(
+                f"store {self.path} has no structure info '{key}'; "
+                f"available: {', '.join(self.info_keys()) or 'none'}"
+            )
+        return np.asarray(self.structures["info"][key][: self.n_structures])
+
+    def subsets(self) -> np.ndarray:
+        """Subset label of every structure (``"unlabelled"`` where none was given)."""
+        if "subset" not in self.info_keys():
+            return np.full(self.n_structures, UNLABELLED, dtype=object)
+        labels = self.info("subset").astype(object)
+        labels[labels == ""] = UNLABELLED
+        return labels
+
+    def atoms(self, index: int):
+        """Structure ``index`` as an ``ase.Atoms`` with its info."""
+        return next(self.iter_atoms([index]))
+
+    def iter_atoms(self, indices: Iterable[int] | None = None) -> Iterator:
+        """Yield structures as ``ase.Atoms``; reads only the rows of those structures."""
+        import ase
+
+        indices = range(self.n_structures) if indices is None else indices
+        s = self.structures
+        keys = self.info_keys()
+        info_arrays = {k: s["info"][k] for k in keys}
+        offsets = self.offsets
+        for i in indices:
+            i = int(i)
+            if not 0 <= i < self.n_structures:
+                raise IndexError(f"structure {i} out of range 0..{self.n_structures - 1}")
+            lo, hi = int(offsets[i]), int(offsets[i + 1])
+            atoms = ase.Atoms(
+                numbers=s["numbers"][lo:hi].astype(int),
+                positions=s["positions"][lo:hi],
+                cell=s["cell"][i],
+                pbc=s["pbc"][i],
+            )
+            for k, arr in info_arrays.items():
+                value = np.asarray(arr[i]).item()
+                if value == "" or (isinstance(value, float) and np.isnan(value)):
+                    continue
+                atoms.info[k] = value
+            yield atoms
+
+    # ------------------------------------------------------------------ appending
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise DfreError(f"store {self.path} is open read-only")
+
+    def append(self, block: StructureBlock, provenance: dict | None = None) -> None:
+        """Append ``block``; commit counts (and an optional provenance record) last.
+
+        A provenance record with the same ``"source"`` as an existing one replaces it,
+        so an ingest can record its progress through a file batch by batch.
+        """
+        self._require_writable()
+        _validate_block(block)
+        s = self.structures
+        n_s, n_a = self.n_structures, self.n_atoms
+        new_s, new_a = n_s + block.n_structures, n_a + block.n_atoms
+
+        s["numbers"].resize((new_a,))
+        s["numbers"][n_a:new_a] = block.numbers
+        s["positions"].resize((new_a, 3))
+        s["positions"][n_a:new_a] = block.positions
+        s["cell"].resize((new_s, 3, 3))
+        s["cell"][n_s:new_s] = block.cell
+        s["pbc"].resize((new_s, 3))
+        s["pbc"][n_s:new_s] = block.pbc
+        s["offsets"].resize((new_s + 1,))
+        s["offsets"][n_s + 1 : new_s + 1] = n_a + np.cumsum(block.counts)
+        self._append_info(block, n_s, new_s)
+
+        attrs = {"n_structures": new_s, "n_atoms": new_a}
+        if provenance is not None:
+            records = [r for r in self.provenance if r.get("source") != provenance.get("source")]
+            attrs["provenance"] = [*records, provenance]
+        self.group.attrs.update(attrs)  # commit point
+        self._offsets = None
+
+    def _append_info(self, block: StructureBlock, n_s: int, new_s: int) -> None:
+        info = self.structures["info"]
+        existing = set(info.array_keys())
+        for key in sorted(existing | set(block.info)):
+            values = block.info.get(key, [None] * block.n_structures)
+            if key not in existing:
+                dtype = str if any(isinstance(v, str) for v in values) else "float64"
+                fill = "" if dtype is str else np.nan
+                arr = info.create_array(
+                    key,
+                    shape=(n_s,),
+                    chunks=(self.structures["cell"].chunks[0],),
+                    dtype=dtype,
+                    fill_value=fill,
+                )
+                if n_s:
+                    arr[:] = np.full(n_s, fill, dtype=object if dtype is str else "float64")
+            arr = info[key]
+            arr.resize((new_s,))
+            if arr.dtype.kind in "fc":
+                column = np.array(
+                    [np.nan if v is None else _as_float(v, key) for v in values], dtype="float64"
+                )
+            else:
+                column = np.array(["" if v is None else str(v) for v in values], dtype=object)
+            if len(column):
+                arr[n_s:new_s] = column
+
+    # ------------------------------------------------------------------ features
+    def feature_names(self) -> list[str]:
+        """Names ``model/layer`` of every feature set in the store."""
+        names = []
+        for model, group in sorted(self.group["features"].groups()):
+            names.extend(f"{model}/{layer}" for layer in sorted(group.array_keys()))
+        return names
+
+    def feature_array(self, name: str) -> zarr.Array:
+        """The Zarr array of feature set ``name`` (``model/layer``)."""
+        try:
+            return self.group["features"][name]
+        except KeyError:
+            available = ", ".join(self.feature_names()) or "none"
+            raise DfreError(
+                f"store {self.path} has no feature set '{name}'; available: {available}"
+            ) from None
+
+    def features(self, name: str) -> da.Array:
+        """Feature set ``name`` as a lazy dask array of shape ``(n_atoms, d)``."""
+        arr = self.feature_array(name)
+        return da.from_zarr(arr)[: self.n_atoms]
+
+    def create_feature(
+        self,
+        name: str,
+        dim: int,
+        *,
+        dtype: str = "float32",
+        chunk_atoms: int | None = None,
+        attrs: dict | None = None,
+    ) -> zarr.Array:
+        """Create (or return, if it exists with the same shape) feature set ``name``."""
+        self._require_writable()
+        model, _, layer = name.partition("/")
+        if not model or not layer or "/" in layer:
+            raise DfreError(f"feature set name '{name}' must look like MODEL/LAYER")
+        group = self.group["features"].require_group(model)
+        if layer in group.array_keys():
+            arr = group[layer]
+            if arr.shape != (self.n_atoms, dim):
+                raise DfreError(
+                    f"feature set {name} in {self.path} has shape {arr.shape}, expected "
+                    f"{(self.n_atoms, dim)}: remove it or use another model name"
+                )
+            return arr
+        chunk = chunk_atoms or self.chunk_atoms
+        arr = group.create_array(
+            layer, shape=(self.n_atoms, dim), chunks=(chunk, dim), dtype=dtype, fill_value=np.nan
+        )
+        arr.attrs.update({"created": _now(), **(attrs or {})})
+        return arr
+
+    # ------------------------------------------------------------------ descriptors, results
+    def descriptor_names(self) -> list[str]:
+        return sorted(self.group["descriptors"].array_keys())
+
+    def write_descriptor(self, name: str, values: np.ndarray, attrs: dict | None = None):
+        """Write a structure-level descriptor (one row per structure), replacing any old one."""
+        self._require_writable()
+        values = np.asarray(values)
+        if values.shape[0] != self.n_structures:
+            raise DfreError(
+                f"descriptor {name} has {values.shape[0]} rows, the store has "
+                f"{self.n_structures} structures"
+            )
+        group = self.group["descriptors"]
+        arr = group.create_array(
+            name, shape=values.shape, dtype=values.dtype, chunks=values.shape, overwrite=True
+        )
+        arr[...] = values
+        arr.attrs.update({"created": _now(), **(attrs or {})})
+        return arr
+
+    def descriptor(self, name: str) -> np.ndarray:
+        if name not in self.descriptor_names():
+            raise DfreError(
+                f"store {self.path} has no descriptor '{name}'; available: "
+                f"{', '.join(self.descriptor_names()) or 'none'}"
+            )
+        return np.asarray(self.group["descriptors"][name][...])
+
+    def result_names(self) -> list[str]:
+        return sorted(name for name, _ in self.group["results"].groups())
+
+    def result(self, run: str) -> zarr.Group:
+        if run not in self.result_names():
+            raise DfreError(
+                f"store {self.path} has no results '{run}'; available: "
+                f"{', '.join(self.result_names()) or 'none'}"
+            )
+        return self.group["results"][run]
+
+    def create_result(self, run: str, attrs: dict | None = None) -> zarr.Group:
+        """A fresh ``results/<run>`` group (an older one of that name is replaced)."""
+        self._require_writable()
+        group = self.group["results"].create_group(run, overwrite=True)
+        group.attrs.update({"created": _now(), **(attrs or {})})
+        return group
+
+
+def _is_empty_dir(path: str) -> bool:
+    return os.path.isdir(path) and not os.listdir(path)
+
+
+def _as_float(value: Any, key: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DfreError(f"info '{key}' mixes numbers and text ({value!r})") from None
+
+
+def _validate_block(block: StructureBlock) -> None:
+    if block.counts.sum() != block.n_atoms:
+        raise ValueError("StructureBlock counts do not add up to the number of atoms")
+    if block.positions.shape != (block.n_atoms, 3):
+        raise ValueError("StructureBlock positions must have shape (n_atoms, 3)")
+    if block.cell.shape != (block.n_structures, 3, 3) or block.pbc.shape != (
+        block.n_structures,
+        3,
+    ):
+        raise ValueError("StructureBlock cell/pbc must have one entry per structure")
+    for key, values in block.info.items():
+        if len(values) != block.n_structures:
+            raise ValueError(f"StructureBlock info '{key}' needs one value per structure")
