@@ -373,8 +373,29 @@ class Store:
         """Names ``model/layer`` of every feature set in the store."""
         names = []
         for model, group in sorted(self.group["features"].groups()):
-            names.extend(f"{model}/{layer}" for layer in sorted(group.array_keys()))
+            layers = sorted(k for k in group.array_keys() if not k.startswith("_"))
+            names.extend(f"{model}/{layer}" for layer in layers)
         return names
+
+    def feature_mask(self, name: str) -> np.ndarray:
+        """Rows that the model of feature set ``name`` could not handle (True = masked).
+
+        A model group may hold a boolean array ``_mask`` (n_atoms,) written by
+        featurize; names starting with ``_`` are bookkeeping, not feature sets.
+        """
+        self.feature_array(name)
+        model = name.partition("/")[0]
+        group = self.group["features"][model]
+        if "_mask" in group.array_keys():
+            return np.asarray(group["_mask"][: self.n_atoms], dtype=bool)
+        return np.zeros(self.n_atoms, dtype=bool)
+
+    def valid_rows(self, names: Sequence[str]) -> np.ndarray:
+        """Boolean (n_atoms,): rows that every feature set in ``names`` has features for."""
+        valid = np.ones(self.n_atoms, dtype=bool)
+        for name in names:
+            valid &= ~self.feature_mask(name)
+        return valid
 
     def feature_array(self, name: str) -> zarr.Array:
         """The Zarr array of feature set ``name`` (``model/layer``)."""
