@@ -180,18 +180,22 @@ def check_offsets(offsets: Any, n_rows: int) -> np.ndarray:
 
 
 def aligned_row_chunks(offsets: np.ndarray, target_rows: int) -> tuple[int, ...]:
-    """Row chunk sizes of about ``target_rows`` whose edges fall on structure offsets.
+    """Row chunk sizes of at most ``target_rows`` whose edges fall on structure offsets.
 
-    A structure larger than ``target_rows`` gets a chunk of its own.
+    Each chunk takes as many whole structures as fit in ``target_rows``; a structure
+    larger than that gets a chunk of its own.
     """
     offsets = np.asarray(offsets, dtype=np.int64)
     n_rows = int(offsets[-1])
-    if n_rows == 0:
-        return (0,)
-    targets = np.arange(target_rows, n_rows, max(int(target_rows), 1))
-    edges = offsets[np.minimum(np.searchsorted(offsets, targets), len(offsets) - 1)]
-    edges = np.unique(np.concatenate([[0], edges, [n_rows]]))
-    return tuple(int(c) for c in np.diff(edges))
+    target_rows = max(int(target_rows), 1)
+    edges = [0]
+    while edges[-1] < n_rows:
+        edge = edges[-1]
+        fit = int(offsets[np.searchsorted(offsets, edge + target_rows, side="right") - 1])
+        if fit <= edge:  # the next structure alone is larger than the target
+            fit = int(offsets[np.searchsorted(offsets, edge, side="right")])
+        edges.append(fit)
+    return tuple(np.diff(edges).tolist()) if n_rows else (0,)
 
 
 def cumulant_descriptor(
