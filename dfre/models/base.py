@@ -1,0 +1,333 @@
+"""The feature-extractor interface and the model registry.
+
+A :class:`FeatureExtractor` wraps one loaded model and turns a batch of structures
+(``ase.Atoms``) into per-atom latent features, one array per *layer*:
+
+* ``bb`` (backbone): the invariant per-atom features the readout head receives,
+* ``ll`` (last layer): the input of the last linear map of the readout, so that
+  the per-atom energy is :math:`E_i = w^\\top x_i + b` for the last-layer features
+  :math:`x_i`.
+
+Rows of the returned arrays follow the atoms of the batch in order (structure by
+structure). Models are loaded once per process by :func:`load_extractor` and kept
+in a module-level cache keyed by model name, device and options, so Dask tasks
+pass only the model *name*; the weights are never pickled into a task.
+
+The registry maps a model name (``chgnet-0.3.0``, ``sevennet-0``, ...) to a
+:class:`ModelSpec`: its family, layers with their dimensions, the shipped weights
+file (if any) and a loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dfre.errors import DfreError
+
+#: Atomic numbers 1..118, the default set of "supported" elements.
+ALL_ELEMENTS = frozenset(range(1, 119))
+
+
+class Unsupported(Exception):
+    """A structure a model cannot handle; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One feature set a model offers: name, dimension and what it is."""
+
+    name: str
+    dim: int | None
+    definition: str
+
+
+class FeatureExtractor(ABC):
+    """A loaded model that maps a batch of structures to per-atom features.
+
+    Subclasses set ``name``, ``layers`` (name -> :class:`Layer`), ``cutoff``
+    (Å, the radius of the neighbour graph), ``supported_elements`` (atomic
+    numbers), ``device`` and ``weights_path``, and implement :meth:`featurize`.
+    """
+
+    name: str
+    layers: dict[str, Layer]
+    cutoff: float
+    supported_elements: frozenset[int] = ALL_ELEMENTS
+    device: str = "cpu"
+    weights_path: str | None = None
+    packages: tuple[str, ...] = ("torch",)
+
+    @abstractmethod
+    def forward(self, batch: Any, layers: Sequence[str]) -> dict[str, np.ndarray]:
+        """Run the model on a collated batch; float32 features per layer, rows in order."""
+
+    def graph(self, atoms: Any) -> Any:
+        """CPU-side input of the model for one structure (its neighbour graph).
+
+        Raises :class:`Unsupported` with the reason when the model cannot handle
+        ``atoms``. Kept apart from :meth:`forward` so that a pipeline can build the
+        graphs of the next batch while the accelerator runs the current one. The
+        default checks for atoms without a neighbour within :attr:`cutoff` and
+        returns ``atoms`` itself.
+        """
+        from ase.neighborlist import neighbor_list
+
+        isolated = len(atoms) - len(np.unique(neighbor_list("i", atoms, self.cutoff)))
+        if isolated:
+            raise Unsupported(self.isolated_reason(isolated))
+        return atoms
+
+    def collate(self, graphs: Sequence[Any]) -> Any:
+        """One batch input from the graphs of several structures."""
+        return list(graphs)
+
+    def check(self, atoms: Any) -> str | None:
+        """Cheap checks before building a graph: the reason ``atoms`` cannot be
+        featurized (an element outside :attr:`supported_elements`, a partially
+        periodic cell, a single isolated atom), or None."""
+        numbers = np.asarray(atoms.numbers)
+        bad = sorted(set(numbers.tolist()) - set(self.supported_elements))
+        if bad:
+            from ase.data import chemical_symbols
+
+            return f"unsupported element(s) {', '.join(chemical_symbols[z] for z in bad)}"
+        pbc = np.asarray(atoms.pbc, dtype=bool)
+        if pbc.any() and not pbc.all():
+            return "partially periodic structure (pbc must be all True or all False)"
+        if len(atoms) == 1 and not pbc.any():
+            return "single isolated atom"
+        return None
+
+    def isolated_reason(self, n_isolated: int) -> str:
+        return f"{n_isolated} atom(s) with no neighbour within the {self.cutoff:g} Å cutoff"
+
+    def unsupported_reason(self, atoms: Any) -> str | None:
+        """Why this model cannot featurize ``atoms`` (None when it can)."""
+        reason = self.check(atoms)
+        if reason is None:
+            try:
+                self.graph(atoms)
+            except Unsupported as error:
+                reason = str(error)
+        return reason
+
+    def run(self, batch: Any, layers: Sequence[str]) -> dict[str, np.ndarray]:
+        """:meth:`forward` under a per-model lock (the hooks are per model, not per call)."""
+        lock = self.__dict__.setdefault("_forward_lock", threading.Lock())
+        with lock:
+            return self.forward(batch, layers)
+
+    def featurize(
+        self, frames: Sequence[Any], layers: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Per-atom features of ``frames``: layer -> float32 ``(sum of atoms, dim)``.
+
+        One batched forward pass over all ``frames``; a DfreError names the first
+        structure the model cannot handle.
+        """
+        layers = self.check_layers(layers)
+        graphs = []
+        for index, atoms in enumerate(frames):
+            reason = self.check(atoms)
+            if reason is None:
+                try:
+                    graphs.append(self.graph(atoms))
+                    continue
+                except Unsupported as error:
+                    reason = str(error)
+            raise DfreError(f"model {self.name} cannot featurize structure {index}: {reason}")
+        if not graphs:
+            return {
+                layer: np.zeros((0, self.layers[layer].dim or 0), np.float32) for layer in layers
+            }
+        return self.run(self.collate(graphs), layers)
+
+    def check_layers(self, layers: Sequence[str] | None) -> list[str]:
+        """The requested layers (all by default); a DfreError for a layer not offered."""
+        if layers is None:
+            return list(self.layers)
+        unknown = [layer for layer in layers if layer not in self.layers]
+        if unknown or not layers:
+            raise DfreError(
+                f"model {self.name} has no layer {', '.join(unknown) or '(none given)'}; "
+                f"it offers: {', '.join(self.layers)}"
+            )
+        return list(layers)
+
+    def attrs(self, layer: str) -> dict[str, Any]:
+        """Provenance attributes of feature set ``layer`` (stored with the array)."""
+        return {
+            "model": self.name,
+            "layer": layer,
+            "layer_definition": self.layers[layer].definition,
+            "weights_file": os.path.basename(self.weights_path) if self.weights_path else None,
+            "weights_sha256": file_sha256(self.weights_path) if self.weights_path else None,
+            "versions": package_versions(self.packages),
+            "cutoff": self.cutoff,
+            "dtype": "float32",
+            "device": self.device,
+        }
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registry entry: how to load model ``name`` and what it offers."""
+
+    name: str
+    family: str
+    description: str
+    layers: dict[str, Layer]
+    loader: Callable[..., FeatureExtractor]
+    package: str
+    install_hint: str
+    weights: Callable[[], str | None] = field(default=lambda: None)
+    needs_file: bool = False
+
+    def package_available(self) -> bool:
+        try:
+            importlib.metadata.version(self.package)
+        except importlib.metadata.PackageNotFoundError:
+            return False
+        return True
+
+    def weights_status(self) -> str:
+        """'yes' (shipped weights found), 'no', or 'user file' for user-given models."""
+        if not self.package_available():
+            return f"no ({self.package} not installed)"
+        if self.needs_file:
+            return "user file"
+        try:
+            path = self.weights()
+        except Exception:  # a package that cannot locate its own weights
+            return "no"
+        return "yes" if path and os.path.isfile(path) else "no"
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+_FAMILY_MODULES = ("chgnet", "sevennet", "mace", "metatomic", "uma", "dpa", "generic")
+_CACHE: dict[tuple, FeatureExtractor] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add ``spec`` to the registry (replacing an entry of the same name)."""
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def registry() -> dict[str, ModelSpec]:
+    """All registered models, by name (importing every adapter module once)."""
+    for module in _FAMILY_MODULES:
+        importlib.import_module(f"dfre.models.{module}")
+    return dict(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The registry entry of ``name``; a one-line DfreError for an unknown name."""
+    models = registry()
+    if name not in models:
+        raise DfreError(
+            f"unknown model '{name}'; known models: {', '.join(models)} (see `dfre models`)"
+        )
+    return models[name]
+
+
+def load_extractor(name: str, device: str = "cpu", **options: Any) -> FeatureExtractor:
+    """The extractor of model ``name`` on ``device``, loaded once per process.
+
+    ``options`` are passed to the model's loader (e.g. ``path=`` for a user-given
+    weights file, ``modal=`` for a multi-fidelity model) and are part of the cache key.
+    """
+    key = (name, device, tuple(sorted((k, repr(v)) for k, v in options.items())))
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            spec = get_spec(name)
+            if not spec.package_available():
+                raise DfreError(
+                    f"model {name} needs the Python package '{spec.package}', which is not "
+                    f"installed: {spec.install_hint}"
+                )
+            _CACHE[key] = spec.loader(device=device, **options)
+        return _CACHE[key]
+
+
+def set_torch_threads(n: int | None) -> None:
+    """Set the number of intra-op torch threads of this process (once per value)."""
+    if not n:
+        return
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def require_file(path: str | os.PathLike | None, what: str) -> str:
+    """``path`` as a string if it is an existing file, else a one-line DfreError."""
+    if path is None:
+        raise DfreError(f"{what}: give the model file with --weights PATH")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DfreError(f"{what}: weights file {path} does not exist; check the path")
+    return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file (read in 1 MiB blocks), cached per path and mtime."""
+    path = os.fspath(path)
+    key = (path, os.path.getmtime(path), os.path.getsize(path))
+    if key not in _SHA_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _SHA_CACHE[key] = digest.hexdigest()
+    return _SHA_CACHE[key]
+
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def package_versions(packages: Sequence[str]) -> dict[str, str]:
+    """Installed versions of ``packages`` (plus dfre itself)."""
+    versions = {}
+    for package in ("dfre", *packages):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def torch_device(device: str):
+    """A ``torch.device``; a DfreError when CUDA is asked for but not available."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DfreError(
+            f"--device {device} asked for, but torch sees no CUDA device here: use --device cpu"
+        )
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise DfreError(f"unknown device '{device}': use cpu or cuda")
+    return torch.device(device)
+
+
+def vacuum_box(atoms: Any, cutoff: float, n_hops: int = 1) -> Any:
+    """A periodic copy of a non-periodic structure in a box so large that no image
+    lies within ``n_hops * cutoff`` of any atom, for models that only take cells."""
+    boxed = atoms.copy()
+    extent = np.ptp(boxed.positions, axis=0) if len(boxed) else np.zeros(3)
+    margin = 2.0 * n_hops * cutoff + 1.0
+    boxed.set_cell(np.diag(extent + margin))
+    boxed.positions = boxed.positions - boxed.positions.min(axis=0) + margin / 2.0
+    boxed.pbc = True
+    return boxed
