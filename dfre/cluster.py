@@ -1,0 +1,560 @@
+"""Where dfre computes: connect to a Dask cluster, start one, and report progress.
+
+Every command and every library call computes with the active Dask scheduler. This
+module decides which one, in this order:
+
+1. ``scheduler`` (``--scheduler ADDRESS``): a running scheduler, e.g. ``tcp://node:8786``;
+2. ``scheduler_file`` (``--scheduler-file FILE``): the JSON file a scheduler writes with
+   ``dask scheduler --scheduler-file FILE`` (the HPC convention) or ``dfre cluster start``;
+3. ``DASK_SCHEDULER_ADDRESS`` in the environment (Dask's ``scheduler-address`` setting);
+4. otherwise a local cluster: ``dask_cuda.LocalCUDACluster`` (one worker per GPU) when
+   dask-cuda and a CUDA GPU are present, else ``distributed.LocalCluster`` sized to the
+   machine (Dask picks workers x threads from the CPU count, memory split evenly).
+
+Dask's security settings (``distributed.comm.tls.*`` in the Dask config) are not
+touched: clients and local clusters take them from the config as Dask does.
+
+Long steps call :func:`compute` (or :func:`progress`) with a label: a progress bar on
+stderr when it is a terminal, one summary line per step otherwise. The dashboard link
+is printed when a client is made, and ``--performance-report FILE`` writes Dask's HTML
+performance report of everything computed inside :func:`client_from_args`.
+
+On HPC, :func:`jobqueue_cluster` starts a scheduler here and submits worker jobs to
+SLURM or PBS through dask-jobqueue (GPU workers through dask-cuda's worker command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import dask
+from distributed import Client, Future, LocalCluster, futures_of, performance_report
+from distributed.diagnostics.progressbar import TextProgressBar
+from distributed.utils import is_kernel
+
+from dfre.errors import DfreError
+from dfre.linalg import backend
+
+#: Seconds to wait for a scheduler before giving up with an error.
+DEFAULT_TIMEOUT = 10.0
+#: Environment variable naming a running scheduler (read by Dask as ``scheduler-address``).
+SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
+#: Batch systems ``dfre cluster start --jobqueue`` knows.
+JOBQUEUE_KINDS = ("slurm", "pbs")
+#: Keys a jobqueue section must set: the size of one job.
+REQUIRED_JOBQUEUE_KEYS = ("cores", "memory")
+#: dask-cuda's worker command as dask-jobqueue runs it (``python -m dask_cuda.cli ...``).
+DASK_CUDA_WORKER_COMMAND = "dask_cuda.cli"
+_DEFAULT_WORKER_COMMAND = "distributed.cli.dask_worker"
+
+
+# ---------------------------------------------------------------------------- GPUs
+def gpu_count() -> int:
+    """Number of CUDA GPUs a local dask-cuda cluster would use here (0 without CuPy or dask-cuda).
+
+    Counts like dask-cuda: the entries of ``CUDA_VISIBLE_DEVICES`` if set, else NVML.
+    """
+    if not backend.gpu_available() or importlib.util.find_spec("dask_cuda") is None:
+        return 0
+    try:
+        from dask_cuda.utils import get_n_gpus
+
+        return int(get_n_gpus())
+    except Exception:  # NVML missing or failing: no usable GPU
+        return 0
+
+
+def _require_local_gpu() -> None:
+    if importlib.util.find_spec("dask_cuda") is None:
+        raise DfreError(
+            "--gpu needs dask-cuda, which is not installed: pip install 'dfre[gpu]', "
+            "or run without --gpu"
+        )
+    if gpu_count() == 0:
+        raise DfreError(
+            "--gpu was given but this machine has no usable CUDA GPU (CuPy/NVML see none): "
+            "run on a GPU node or without --gpu"
+        )
+
+
+def _worker_has_gpu() -> bool:
+    from dfre.linalg import backend as worker_backend
+
+    return worker_backend.gpu_available()
+
+
+def _require_gpu_workers(client: Client, where: str) -> None:
+    has_gpu = client.run(_worker_has_gpu)
+    if not any(has_gpu.values()):
+        raise DfreError(
+            f"--gpu was given but none of the {len(has_gpu)} workers of the scheduler at "
+            f"{where} has a usable CUDA GPU: start GPU workers (dask-cuda) or drop --gpu"
+        )
+
+
+# ---------------------------------------------------------------------------- connecting
+def read_scheduler_file(path: str | os.PathLike) -> str:
+    """The scheduler address written in scheduler file ``path``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DfreError(
+            f"scheduler file {path} does not exist: start the scheduler first "
+            f"(`dask scheduler --scheduler-file {path}` or `dfre cluster start ... "
+            f"--scheduler-file {path}`) or fix the path"
+        )
+    try:
+        with open(path) as f:
+            address = json.load(f)["address"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DfreError(
+            f"scheduler file {path} is not a Dask scheduler file (JSON with an 'address'): "
+            "point --scheduler-file at the file the scheduler wrote"
+        ) from None
+    return str(address)
+
+
+def connect(
+    scheduler: str | None = None,
+    scheduler_file: str | os.PathLike | None = None,
+    *,
+    gpu: bool | None = None,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    dashboard_address: str | None = ":8787",
+    quiet: bool = False,
+) -> Client:
+    """A :class:`distributed.Client` (made the default) for the cluster dfre should use.
+
+    See the module docstring for the order in which ``scheduler``, ``scheduler_file``,
+    ``DASK_SCHEDULER_ADDRESS`` and a local cluster are tried. ``gpu=True`` requires GPU
+    workers (locally: dask-cuda and a GPU), ``gpu=False`` forces a CPU local cluster,
+    ``gpu=None`` uses GPUs when present. ``n_workers`` and ``threads_per_worker`` size a
+    local cluster only. ``timeout`` (seconds) bounds the wait for a scheduler.
+    Close with :func:`disconnect`, which also stops a local cluster made here.
+    """
+    if scheduler and scheduler_file:
+        raise DfreError("give either --scheduler or --scheduler-file, not both")
+    if n_workers is not None and n_workers < 1:
+        raise DfreError(f"--workers must be at least 1, got {n_workers}")
+    if scheduler_file:
+        address = read_scheduler_file(scheduler_file)
+        where = f"{address} (from scheduler file {os.fspath(scheduler_file)})"
+        hint = "the scheduler has stopped and the file is stale: restart it or remove the file"
+    elif scheduler:
+        address, where = scheduler, f"{scheduler} (--scheduler)"
+        hint = "check the address and that the scheduler is running"
+    else:
+        address = os.environ.get(SCHEDULER_ENV) or dask.config.get("scheduler-address", None)
+        where = f"{address} (from {SCHEDULER_ENV})"
+        hint = f"start that scheduler or unset {SCHEDULER_ENV} to use a local cluster"
+
+    if address:
+        try:
+            client = Client(address, timeout=timeout)
+        except (OSError, TimeoutError):
+            raise DfreError(
+                f"cannot reach the Dask scheduler at {where} within {timeout:g} s: {hint}"
+            ) from None
+        if gpu:
+            try:
+                _require_gpu_workers(client, where)
+            except DfreError:
+                client.close()
+                raise
+    else:
+        client = Client(
+            _local_cluster(gpu, n_workers, threads_per_worker, dashboard_address),
+            timeout=timeout,
+        )
+    if not quiet:
+        print(f"dfre: Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+    return client
+
+
+def _local_cluster(
+    gpu: bool | None,
+    n_workers: int | None,
+    threads_per_worker: int | None,
+    dashboard_address: str | None,
+) -> LocalCluster:
+    if gpu:
+        _require_local_gpu()
+    if gpu or (gpu is None and gpu_count() > 0):
+        from dask_cuda import LocalCUDACluster
+
+        return LocalCUDACluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker or 1,
+            dashboard_address=dashboard_address,
+        )
+    return LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=threads_per_worker,
+        dashboard_address=dashboard_address,
+    )
+
+
+def disconnect(client: Client) -> None:
+    """Close ``client`` and, if :func:`connect` started a local cluster for it, that cluster."""
+    cluster = client.cluster
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+@contextlib.contextmanager
+def connected(*args: Any, **kwargs: Any) -> Iterator[Client]:
+    """``with connected(...) as client:`` -- :func:`connect`, then :func:`disconnect`."""
+    client = connect(*args, **kwargs)
+    try:
+        yield client
+    finally:
+        disconnect(client)
+
+
+# ---------------------------------------------------------------------------- command line
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of :func:`client_from_args` to a sub-command's parser."""
+    g = parser.add_argument_group("cluster (default: a local cluster sized to this machine)")
+    g.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help=f"address of a running Dask scheduler (default: ${SCHEDULER_ENV} if set)",
+    )
+    g.add_argument(
+        "--scheduler-file",
+        metavar="FILE",
+        help="scheduler file written by `dask scheduler --scheduler-file` or `dfre cluster start`",
+    )
+    g.add_argument(
+        "--gpu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="require GPU workers (--no-gpu: a CPU local cluster; default: GPUs when present)",
+    )
+    g.add_argument(
+        "--workers", type=int, metavar="N", help="workers of the local cluster (default: auto)"
+    )
+    g.add_argument(
+        "--scheduler-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up reaching the scheduler after this long (default {DEFAULT_TIMEOUT:g})",
+    )
+    g.add_argument(
+        "--dashboard-address",
+        default=":8787",
+        metavar="ADDR",
+        help="dashboard of the local cluster (default :8787, ':0' for any free port)",
+    )
+    g.add_argument(
+        "--performance-report",
+        metavar="FILE",
+        help="write Dask's HTML performance report of the run to FILE",
+    )
+
+
+@contextlib.contextmanager
+def client_from_args(args: argparse.Namespace) -> Iterator[Client]:
+    """The client for a command run with the options of :func:`add_cluster_arguments`.
+
+    Prints the dashboard link, records a performance report if asked, and closes the
+    client (and a local cluster it started) at the end.
+    """
+    report = getattr(args, "performance_report", None)
+    if report:
+        folder = os.path.dirname(os.path.abspath(report))
+        if not os.path.isdir(folder):
+            raise DfreError(
+                f"--performance-report {report}: folder {folder} does not exist; create it first"
+            )
+    with connected(
+        getattr(args, "scheduler", None),
+        getattr(args, "scheduler_file", None),
+        gpu=getattr(args, "gpu", None),
+        n_workers=getattr(args, "workers", None),
+        timeout=getattr(args, "scheduler_timeout", DEFAULT_TIMEOUT),
+        dashboard_address=getattr(args, "dashboard_address", ":8787"),
+    ) as client:
+        if report:
+            with performance_report(filename=report):
+                yield client
+            print(f"dfre: performance report written to {report}", file=sys.stderr)
+        else:
+            yield client
+
+
+# ---------------------------------------------------------------------------- progress
+def _current_client() -> Client | None:
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except ValueError:
+        return None
+
+
+def _live() -> bool:
+    return is_kernel() or sys.stderr.isatty()
+
+
+class _StepProgressBar(TextProgressBar):
+    """distributed's task-level progress bar, labelled and drawn on stderr.
+
+    With ``live=False`` (stderr is a log file) only the final line is written.
+    """
+
+    def __init__(self, futures: list[Future], label: str, live: bool):
+        self.label, self.live = label, live
+        client = futures[0].client
+        super().__init__(futures, scheduler=client.scheduler.address, interval="200ms")
+
+    def _draw_bar(self, remaining: int, all: int, **kwargs: Any) -> None:
+        if not self.live:
+            return
+        done = all - remaining
+        frac = done / all if all else 1.0
+        bar = "#" * int(self.width * frac)
+        sys.stderr.write(
+            f"\r{self.label} [{bar:<{self.width}}] {done}/{all} tasks | {self.elapsed:.1f} s"
+        )
+        sys.stderr.flush()
+
+    def _draw_stop(self, all: int = 0, status: str = "", **kwargs: Any) -> None:
+        end = "\n" if self.live else ""
+        outcome = "failed" if status == "error" else "done"
+        sys.stderr.write(
+            f"{end}dfre: {self.label}: {outcome}, {all} tasks in {self.elapsed:.1f} s\n"
+        )
+        sys.stderr.flush()
+
+
+def _watch(futures: list[Future], label: str) -> None:
+    if futures:
+        _StepProgressBar(futures, label, _live())
+
+
+def progress(obj: Any, label: str) -> Any:
+    """Wait for ``obj`` while showing the progress of step ``label``; return it computed.
+
+    ``obj`` is a dask collection (persisted on the cluster and returned persisted) or
+    futures. Works with the distributed scheduler (task-level bar fed by the scheduler)
+    and, without a client, with Dask's local schedulers.
+    """
+    if dask.is_dask_collection(obj):
+        client = _current_client()
+        if client is None:
+            with _local_progress(label):
+                return obj.persist()
+        obj = client.persist(obj)
+    _watch(futures_of(obj), label)
+    return obj
+
+
+def compute(*collections: Any, label: str, **kwargs: Any) -> tuple:
+    """``dask.compute(*collections)`` with a progress report for step ``label``.
+
+    Uses the current :class:`distributed.Client` when there is one, else Dask's
+    default local scheduler; ``kwargs`` go to the compute call.
+    """
+    client = _current_client()
+    if client is None:
+        with _local_progress(label):
+            return dask.compute(*collections, **kwargs)
+    futures = client.compute(list(collections), **kwargs)
+    _watch(futures, label)
+    return tuple(client.gather(futures))
+
+
+@contextlib.contextmanager
+def _local_progress(label: str) -> Iterator[None]:
+    start = time.perf_counter()
+    if _live():
+        from dask.diagnostics import ProgressBar
+
+        sys.stderr.write(f"{label}\n")
+        with ProgressBar(out=sys.stderr):
+            yield
+    else:
+        yield
+    print(f"dfre: {label}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- dask-jobqueue
+def _cluster_class(kind: str):
+    if kind not in JOBQUEUE_KINDS:
+        raise DfreError(f"unknown --jobqueue {kind!r}: choose one of {', '.join(JOBQUEUE_KINDS)}")
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise DfreError("dask-jobqueue is not installed: pip install 'dfre[hpc]'") from None
+    return {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[kind]
+
+
+def _hyphenate(settings: dict) -> dict:
+    return {str(k).replace("_", "-"): v for k, v in settings.items()}
+
+
+def load_jobqueue_config(kind: str, path: str | os.PathLike | None = None) -> dict:
+    """The dask-jobqueue settings of batch system ``kind`` ("slurm" or "pbs").
+
+    ``path`` is a YAML file in dask-jobqueue's layout (``jobqueue: {slurm: {...}}``),
+    or a dfre analysis config holding that layout under ``cluster:``. Without ``path``
+    the settings come from the Dask config (e.g. ``~/.config/dask/jobqueue.yaml``).
+    Keys are dask-jobqueue's (``cores``, ``memory``, ``queue``, ``walltime``,
+    ``job-extra-directives``, ...); ``cores`` and ``memory`` are required. Returns the
+    full section: dask-jobqueue's defaults overlaid with the given keys.
+    """
+    _cluster_class(kind)
+    defaults = dict(dask.config.get(f"jobqueue.{kind}"))
+    source = f"jobqueue config {os.fspath(path)}" if path else "the Dask config"
+    if path is None:
+        given = _hyphenate(dask.config.get(f"jobqueue.{kind}"))
+    else:
+        given = _read_jobqueue_file(os.fspath(path), kind)
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise DfreError(
+            f"{source}: unknown jobqueue.{kind} keys {', '.join(unknown)}; "
+            f"valid keys: {', '.join(sorted(defaults))}"
+        )
+    missing = [k for k in REQUIRED_JOBQUEUE_KEYS if given.get(k) in (None, "")]
+    if missing:
+        raise DfreError(
+            f"{source}: jobqueue.{kind} lacks required keys {', '.join(missing)}: set the size "
+            "of one job, e.g. cores: 16 and memory: 64GB"
+        )
+    _check_job_size(given, source, kind)
+    return {**defaults, **given}
+
+
+def _read_jobqueue_file(path: str, kind: str) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise DfreError(f"jobqueue config {path} does not exist: fix the --config path")
+    try:
+        with open(path) as f:
+            document = yaml.safe_load(f) or {}
+    except yaml.YAMLError as error:
+        line = getattr(getattr(error, "problem_mark", None), "line", None)
+        where = f" near line {line + 1}" if line is not None else ""
+        raise DfreError(f"jobqueue config {path} is not valid YAML{where}: fix it") from None
+    if not isinstance(document, dict):
+        raise DfreError(f"jobqueue config {path} must be a YAML mapping with a 'jobqueue' key")
+    if "jobqueue" not in document and isinstance(document.get("cluster"), dict):
+        document = document["cluster"]
+    section = (
+        (document.get("jobqueue") or {}).get(kind)
+        if isinstance(document.get("jobqueue"), dict)
+        else None
+    )
+    if not isinstance(section, dict):
+        raise DfreError(
+            f"jobqueue config {path} has no 'jobqueue: {kind}:' section: add one "
+            "(see deploy/jobqueue-*.yaml)"
+        )
+    return _hyphenate(section)
+
+
+def _check_job_size(settings: dict, source: str, kind: str) -> None:
+    from dask.utils import parse_bytes
+
+    cores = settings["cores"]
+    if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
+        raise DfreError(
+            f"{source}: jobqueue.{kind}.cores must be a positive integer, got {cores!r}"
+        )
+    try:
+        parse_bytes(settings["memory"])
+    except (ValueError, TypeError):
+        raise DfreError(
+            f"{source}: jobqueue.{kind}.memory {settings['memory']!r} is not a size like 64GB"
+        ) from None
+
+
+def _gpu_settings(settings: dict, source: str, kind: str) -> dict:
+    """Settings for GPU jobs: dask-cuda's worker command, one dask-cuda process per job."""
+    settings = dict(settings)
+    if settings.get("worker-command") in (None, _DEFAULT_WORKER_COMMAND):
+        settings["worker-command"] = DASK_CUDA_WORKER_COMMAND
+    if settings.get("processes") not in (None, 1):
+        raise DfreError(
+            f"{source}: jobqueue.{kind}.processes is {settings['processes']} but GPU jobs run "
+            "one dask-cuda process that starts a worker per GPU of the job: set processes: 1"
+        )
+    settings["processes"] = 1
+    python = settings.get("python") or sys.executable
+    if python == sys.executable and importlib.util.find_spec("dask_cuda") is None:
+        raise DfreError(
+            "--gpu workers run dask-cuda's worker command, but dask-cuda is not installed in "
+            f"{python}: pip install 'dfre[gpu]' (or set python: in the jobqueue config)"
+        )
+    return settings
+
+
+def _register_settings(kind: str, settings: dict) -> str:
+    """Put ``settings`` in the Dask config under a dfre section; return its name."""
+    name = f"dfre-{kind}"
+    dask.config.set({f"jobqueue.{name}": settings})
+    return name
+
+
+def jobqueue_job_script(
+    kind: str, config: str | os.PathLike | None = None, *, gpu: bool = False
+) -> str:
+    """The batch script one worker job would run (nothing is started or submitted)."""
+    settings, source = load_jobqueue_config(kind, config), config or "the Dask config"
+    if gpu:
+        settings = _gpu_settings(settings, str(source), kind)
+    job_class = _cluster_class(kind).job_cls
+    name = _register_settings(kind, settings)
+    return job_class("tcp://SCHEDULER:8786", name="dfre-worker", config_name=name).job_script()
+
+
+def jobqueue_cluster(
+    kind: str,
+    config: str | os.PathLike | None = None,
+    *,
+    gpu: bool = False,
+    scheduler_file: str | os.PathLike | None = None,
+    dashboard_address: str | None = None,
+):
+    """Start a scheduler here whose workers are SLURM or PBS jobs (a dask-jobqueue cluster).
+
+    Settings come from :func:`load_jobqueue_config`. ``gpu=True`` launches workers with
+    dask-cuda's worker command (one worker per GPU the job gets: request GPUs with
+    ``job-extra-directives`` such as ``--gres=gpu:4`` on SLURM, or ``resource-spec`` such
+    as ``select=1:ncpus=16:ngpus=4`` on PBS). ``scheduler_file`` is written by the
+    scheduler for other dfre commands (``--scheduler-file``). No workers are requested
+    yet: call ``.scale(n)`` or ``.adapt(minimum=, maximum=)`` on the result.
+    """
+    cluster_class = _cluster_class(kind)
+    settings = load_jobqueue_config(kind, config)
+    source = f"jobqueue config {os.fspath(config)}" if config else "the Dask config"
+    if gpu:
+        settings = _gpu_settings(settings, source, kind)
+    submit = cluster_class.job_cls.submit_command.split()[0]
+    if shutil.which(submit) is None:
+        raise DfreError(
+            f"{submit} not found: run `dfre cluster start --jobqueue {kind}` on a {kind.upper()} "
+            "login node (or check PATH)"
+        )
+    scheduler_options = dict(settings.get("scheduler-options") or {})
+    if scheduler_file:
+        scheduler_options["scheduler_file"] = os.fspath(scheduler_file)
+    if dashboard_address is not None:
+        scheduler_options["dashboard_address"] = dashboard_address
+    name = _register_settings(kind, settings)
+    return cluster_class(config_name=name, scheduler_options=scheduler_options)
