@@ -215,6 +215,9 @@ def test_cumulative_feature_sets_are_prefixes():
 
 
 # ---------------------------------------------------------------------- store and CLI
+LOCAL = ["--workers", "1", "--dashboard-address", ":0"]
+
+
 def make_store(path, counts, dim=3, mask_rows=()):
     rng = np.random.default_rng(7)
     store = Store.create(path, chunk_atoms=16)
@@ -256,7 +259,7 @@ def test_compute_cumulants_writes_a_complete_descriptor(tmp_path):
 
 def test_cli_cumulants_writes_descriptor_and_prints_notice(tmp_path, capsys):
     store, features = make_store(tmp_path / "s.zarr", [3, 1, 6])
-    assert main(["cumulants", "--store", str(tmp_path / "s.zarr"), "--order", "3"]) == 0
+    assert main(["cumulants", "--store", str(tmp_path / "s.zarr"), "--order", "3", *LOCAL]) == 0
     out, err = capsys.readouterr()
     assert "descriptors/cumulants-toy-ll-M3" in out
     assert "dfre: notice: toy/ll: 1 structure(s) have a single atom" in err
@@ -274,7 +277,7 @@ def test_cli_cumulants_writes_descriptor_and_prints_notice(tmp_path, capsys):
 def test_cli_cumulants_bad_input(tmp_path, capsys, argv, message):
     make_store(tmp_path / "s.zarr", [3, 2])
     before = sorted(p.name for p in (tmp_path / "s.zarr" / "descriptors").iterdir())
-    assert main(["cumulants", "--store", str(tmp_path / "s.zarr"), *argv]) == 2
+    assert main(["cumulants", "--store", str(tmp_path / "s.zarr"), *argv, *LOCAL]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dfre: error: ") and message in err and err.count("\n") == 1
     after = sorted(p.name for p in (tmp_path / "s.zarr" / "descriptors").iterdir())

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 import warnings
-from collections.abc import Iterator
 
+from dfre.cluster import add_cluster_arguments, client_from_args
 from dfre.descriptors.cumulants import CumulantNotice, check_order, compute_cumulants
 
 
@@ -29,32 +27,8 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--order", type=int, default=8, help="highest cumulant order M (default 8)")
     p.add_argument("--name", help="descriptor name (only with a single --features)")
+    add_cluster_arguments(p)
     p.set_defaults(handler=run)
-
-
-@contextlib.contextmanager
-def dask_client() -> Iterator[object]:
-    """The active ``distributed`` client, or a local in-process cluster for this command.
-
-    Swap point for ``dfre.cluster`` once it exists.
-    """
-    from distributed import Client, LocalCluster, get_client
-
-    try:
-        yield get_client()
-        return
-    except ValueError:
-        pass
-    with (
-        LocalCluster(
-            n_workers=1,
-            threads_per_worker=os.cpu_count() or 1,
-            processes=False,
-            dashboard_address=None,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raise DfreError("--name needs exactly one --features")
     for name in names:
         store.feature_array(name)  # unknown names fail before anything is written
-    with store_lock(args.store, f"dfre cumulants --order {order}"), dask_client():
+    with store_lock(args.store, f"dfre cumulants --order {order}"), client_from_args(args):
         for name in names:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", CumulantNotice)

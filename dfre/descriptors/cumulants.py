@@ -50,6 +50,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from dfre.cluster import compute
 from dfre.errors import DfreError
 from dfre.linalg.backend import array_module
 
@@ -284,7 +285,8 @@ def compute_cumulants(store: Any, feature_name: str, order: int, *, name: str | 
         name, shape=phi.shape, chunks=(rows, max(width, 1)), dtype="float64", overwrite=True
     )
     target.attrs.update({"kind": "cumulants", "complete": False})
-    da.store(phi.rechunk((rows, -1)), target, lock=False)
+    stored = da.store(phi.rechunk((rows, -1)), target, lock=False, compute=False)
+    compute(stored, label=f"cumulants of {feature_name} up to order {order}")
     target.attrs.update(
         {
             "kind": "cumulants",
