@@ -1,0 +1,73 @@
+"""``dfre pcovr``: a PCovR map of a structure-level descriptor, optionally projecting
+other stores into it."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+from dfre.projection.pcovr import COHESIVE_ENERGY, pcovr_map
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pcovr",
+        help="PCovR map (2 components, mixing 0.5) of a structure-level descriptor",
+        description="Fit a PCovR map of descriptors/<DESCRIPTOR> against the cohesive energy "
+        "per atom (or --target KEY) and write results/<run> (coordinates, target). "
+        "--project STORE maps the structures of other stores into the same plane.",
+    )
+    p.add_argument("--store", required=True, help="dfre store the map is fitted on")
+    p.add_argument("--descriptor", required=True, help="descriptor name, e.g. cumulants-m-ll-M8")
+    p.add_argument(
+        "--target",
+        default=COHESIVE_ENERGY,
+        help=f"'{COHESIVE_ENERGY}' (default: from energies) or a numeric structure info key",
+    )
+    p.add_argument("--energy-key", default="energy", help="structure info key of total energies")
+    p.add_argument("--mixing", type=float, default=0.5, help="PCovR mixing alpha (default 0.5)")
+    p.add_argument("--components", type=int, default=2, help="number of components (default 2)")
+    p.add_argument("--run", help="results group name (default pcovr-<descriptor>)")
+    p.add_argument(
+        "--project",
+        action="append",
+        default=[],
+        metavar="STORE",
+        help="another store (with the same descriptor) to project into the map; repeatable",
+    )
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dfre.errors import DfreError
+    from dfre.lock import store_lock
+    from dfre.store import Store
+
+    if not 0.0 <= args.mixing <= 1.0:
+        raise DfreError(f"--mixing must lie in [0, 1] (got {args.mixing})")
+    if args.components < 1:
+        raise DfreError(f"--components must be >= 1 (got {args.components})")
+    store = Store.open(args.store, mode="r+")
+    others = [Store.open(path, mode="r+") for path in args.project]
+    store.descriptor(args.descriptor)
+    for other in others:
+        other.descriptor(args.descriptor)
+    with contextlib.ExitStack() as locks:
+        for path in [args.store, *args.project]:
+            locks.enter_context(store_lock(path, f"dfre pcovr --descriptor {args.descriptor}"))
+        fitted = pcovr_map(
+            store,
+            args.descriptor,
+            target=args.target,
+            energy_key=args.energy_key,
+            mixing=args.mixing,
+            n_components=args.components,
+            run=args.run,
+            project=others,
+        )
+    run_name = args.run or f"pcovr-{args.descriptor}"
+    print(
+        f"results/{run_name}: PCovR of {args.descriptor} on {fitted.config['n_fit']} structures "
+        f"(target {fitted.config['target']}), projected into {len(others)} other store(s)"
+    )
+    return 0
