@@ -96,6 +96,24 @@ class StructureBlock:
         pbc = np.array([np.asarray(a.pbc, dtype=bool) for a in frames]).reshape(-1, 3)
         return cls(numbers, positions, counts, cell, pbc, dict(info or {}))
 
+    @classmethod
+    def concatenate(cls, blocks: Sequence[StructureBlock]) -> StructureBlock:
+        """One block holding ``blocks`` in order (info keys missing in a block are None)."""
+        if len(blocks) == 1:
+            return blocks[0]
+        keys = sorted({k for b in blocks for k in b.info})
+        info = {
+            k: [v for b in blocks for v in b.info.get(k, [None] * b.n_structures)] for k in keys
+        }
+        return cls(
+            np.concatenate([b.numbers for b in blocks]),
+            np.concatenate([b.positions for b in blocks]),
+            np.concatenate([b.counts for b in blocks]),
+            np.concatenate([b.cell for b in blocks]),
+            np.concatenate([b.pbc for b in blocks]),
+            info,
+        )
+
 
 class Store:
     """A dfre store opened from a local path or any fsspec URL that zarr accepts."""
@@ -317,6 +335,7 @@ class Store:
         """
         self._require_writable()
         _validate_block(block)
+        columns = self._info_columns(block)  # may refuse the block: before any write
         s = self.structures
         n_s, n_a = self.n_structures, self.n_atoms
         new_s, new_a = n_s + block.n_structures, n_a + block.n_atoms
@@ -331,7 +350,7 @@ class Store:
         s["pbc"][n_s:new_s] = block.pbc
         s["offsets"].resize((new_s + 1,))
         s["offsets"][n_s + 1 : new_s + 1] = n_a + np.cumsum(block.counts)
-        self._append_info(block, n_s, new_s)
+        self._append_info(columns, n_s, new_s)
 
         attrs = {"n_structures": new_s, "n_atoms": new_a}
         if provenance is not None:
@@ -340,31 +359,49 @@ class Store:
         self.group.attrs.update(attrs)  # commit point
         self._offsets = None
 
-    def _append_info(self, block: StructureBlock, n_s: int, new_s: int) -> None:
+    def _info_columns(self, block: StructureBlock) -> dict[str, np.ndarray]:
+        """Per-key columns of ``block`` in the dtype of the store's info arrays.
+
+        A key is float64 if its values are numbers, text otherwise; a key new to the
+        store whose values in this block are all missing waits for a block with values.
+        """
+        info = self.structures["info"]
+        existing = {k: info[k].dtype.kind in "fc" for k in info.array_keys()}
+        columns = {}
+        for key in sorted(set(existing) | set(block.info)):
+            values = block.info.get(key, [None] * block.n_structures)
+            if key in existing:
+                numeric = existing[key]
+            elif all(v is None for v in values):
+                continue
+            else:
+                numeric = not any(isinstance(v, str) for v in values)
+            if numeric:
+                columns[key] = np.array(
+                    [np.nan if v is None else _as_float(v, key) for v in values], dtype="float64"
+                )
+            else:
+                columns[key] = np.array(["" if v is None else str(v) for v in values], dtype=object)
+        return columns
+
+    def _append_info(self, columns: dict[str, np.ndarray], n_s: int, new_s: int) -> None:
         info = self.structures["info"]
         existing = set(info.array_keys())
-        for key in sorted(existing | set(block.info)):
-            values = block.info.get(key, [None] * block.n_structures)
+        for key, column in columns.items():
             if key not in existing:
-                dtype = str if any(isinstance(v, str) for v in values) else "float64"
-                fill = "" if dtype is str else np.nan
+                numeric = column.dtype.kind == "f"
+                fill = np.nan if numeric else ""
                 arr = info.create_array(
                     key,
                     shape=(n_s,),
                     chunks=(self.structures["cell"].chunks[0],),
-                    dtype=dtype,
+                    dtype="float64" if numeric else str,
                     fill_value=fill,
                 )
                 if n_s:
-                    arr[:] = np.full(n_s, fill, dtype=object if dtype is str else "float64")
+                    arr[:] = np.full(n_s, fill, dtype="float64" if numeric else object)
             arr = info[key]
             arr.resize((new_s,))
-            if arr.dtype.kind in "fc":
-                column = np.array(
-                    [np.nan if v is None else _as_float(v, key) for v in values], dtype="float64"
-                )
-            else:
-                column = np.array(["" if v is None else str(v) for v in values], dtype=object)
             if len(column):
                 arr[n_s:new_s] = column
 
