@@ -1,0 +1,21 @@
+"""Metrics comparing feature spaces: GFRE (and skmatter-compatible functions), LFRE."""
+
+from dfre.metrics.gfre import (
+    GfreResult,
+    gfre_matrix,
+    gfre_store,
+    global_reconstruction_distortion,
+    global_reconstruction_error,
+    pointwise_global_reconstruction_distortion,
+    pointwise_global_reconstruction_error,
+)
+
+__all__ = [
+    "GfreResult",
+    "gfre_matrix",
+    "gfre_store",
+    "global_reconstruction_distortion",
+    "global_reconstruction_error",
+    "pointwise_global_reconstruction_distortion",
+    "pointwise_global_reconstruction_error",
+]

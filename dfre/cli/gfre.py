@@ -1,0 +1,97 @@
+"""``dfre gfre``: the GFRE matrix of feature sets of a store, written to its results."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from dfre.cluster import add_cluster_arguments, client_from_args
+from dfre.lock import store_lock
+from dfre.metrics.gfre import gfre_store
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "gfre",
+        help="global feature reconstruction errors of every pair of feature sets",
+        description="GFRE of every source→target pair of the given feature sets, from one "
+        "pass over the store; written to results/<run> and printed with source rows and "
+        "target columns.",
+    )
+    p.add_argument("--store", required=True, help="path of the dfre store")
+    p.add_argument(
+        "--features",
+        nargs="+",
+        required=True,
+        metavar="MODEL/LAYER",
+        help="feature sets to compare (at least two)",
+    )
+    p.add_argument(
+        "--selection",
+        default="stratified:1000",
+        help="test selection: stratified:N, random:N, structure:N or kfold:K "
+        "(default stratified:1000)",
+    )
+    p.add_argument(
+        "--solver",
+        choices=("gram", "tsqr"),
+        default="gram",
+        help="gram: normal equations (fast); tsqr: QR tree for ill-conditioned features",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the selection")
+    p.add_argument("--run", default="gfre", help="name of the result group (default gfre)")
+    p.add_argument(
+        "--no-pointwise",
+        action="store_true",
+        help="skip the per-environment errors (second pass over the test rows)",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_cluster_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def format_matrix(names: list[str], matrix: np.ndarray) -> str:
+    """The matrix as text: one row per source, one column per target."""
+    width = max(10, *(len(n) for n in names))
+    lines = ["source \\ target".ljust(width) + "".join(n.rjust(width + 2) for n in names)]
+    for name, row in zip(names, matrix, strict=True):
+        lines.append(name.ljust(width) + "".join(f"{v:{width + 2}.4f}" for v in row))
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from dfre.store import Store
+
+    store = Store.open(args.store, mode="r+")
+    with store_lock(args.store, "dfre gfre"), client_from_args(args):
+        result = gfre_store(
+            store,
+            args.features,
+            args.selection,
+            run=args.run,
+            seed=args.seed,
+            solver=args.solver,
+            pointwise=not args.no_pointwise,
+        )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "run": args.run,
+                    "names": result.names,
+                    "selection": args.selection,
+                    "gfre": result.matrix.tolist(),
+                    "alpha": result.alpha.tolist(),
+                    "cka": result.cka.tolist(),
+                    "n_test": int(len(result.test_rows)),
+                }
+            )
+        )
+    else:
+        print(
+            f"GFRE (rows: source, columns: target), selection {args.selection}, "
+            f"{len(result.test_rows)} test environments, results/{args.run} of {args.store}"
+        )
+        print(format_matrix(result.names, result.matrix))
+    return 0

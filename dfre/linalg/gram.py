@@ -1,0 +1,205 @@
+"""Blocked group statistics of the rows of a tall matrix, tree-reduced by Dask.
+
+The rows of ``Z`` (n, D) — the concatenated feature sets — are sorted into groups by a
+label array (a row may belong to one group per label layer, e.g. one per k-fold). For
+every group ``g`` one pass over the row chunks gives
+
+.. math::
+
+    n_g, \\qquad \\mu_g = \\frac{1}{n_g} \\sum_{i \\in g} z_i, \\qquad
+    M_g = \\sum_{i \\in g} (z_i - \\mu_g)(z_i - \\mu_g)^T
+
+(``solver="gram"``) or an upper-triangular factor :math:`R_g` with
+:math:`R_g^T R_g = M_g` (``solver="tsqr"``, see :mod:`dfre.linalg.tsqr`). Each chunk is
+centred on its own mean and partial results are merged with the parallel update
+(Chan, Golub & LeVeque 1979)
+
+.. math::
+
+    n = n_a + n_b, \\quad \\delta = \\mu_b - \\mu_a, \\quad
+    \\mu = \\mu_a + \\delta \\frac{n_b}{n}, \\quad
+    M = M_a + M_b + \\frac{n_a n_b}{n} \\delta\\delta^T,
+
+so that a large common offset of the features never cancels catastrophically. All
+accumulation is in float64 with the array module of the chunks (numpy, or CuPy on GPU
+workers: the reduction never leaves the device).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from dfre.linalg.backend import array_module, to_numpy
+
+#: Rows of a chunk converted to float64 at a time (bounds the temporaries of a task).
+SUB_BLOCK_ROWS = 8192
+#: Partial results merged per task of the reduction tree.
+TREE_FAN_IN = 8
+
+
+@dataclass
+class GroupStatistics:
+    """Counts (G,), means (G, D), second moments (G, *, D) and non-finite counts (D,).
+
+    ``second[g]`` is the centred scatter matrix :math:`M_g` (``kind="gram"``) or a factor
+    :math:`R_g` with :math:`R_g^T R_g = M_g` (``kind="tsqr"``).
+    """
+
+    kind: str
+    count: Any
+    mean: Any
+    second: Any
+    nonfinite: Any
+
+    def to_numpy(self) -> GroupStatistics:
+        return GroupStatistics(
+            self.kind,
+            to_numpy(self.count),
+            to_numpy(self.mean),
+            to_numpy(self.second),
+            to_numpy(self.nonfinite),
+        )
+
+    def scatter(self, g: int) -> np.ndarray:
+        """The centred scatter matrix :math:`M_g` of group ``g``."""
+        if self.kind == "gram":
+            return self.second[g]
+        return self.second[g].T @ self.second[g]
+
+    def group(self, g: int) -> tuple[float, np.ndarray, np.ndarray]:
+        return float(self.count[g]), self.mean[g], self.second[g]
+
+    def select(self, groups: list[int]) -> GroupStatistics:
+        """The statistics of ``groups`` only."""
+        return GroupStatistics(
+            self.kind, self.count[groups], self.mean[groups], self.second[groups], self.nonfinite
+        )
+
+    def union(self, groups: list[int]) -> GroupStatistics:
+        """One group: the union of the (disjoint) rows of ``groups``."""
+        return merge_statistics(*[self.select([g]) for g in groups])
+
+
+def gram_part(z):
+    """Count, mean and centred scatter of the float64 rows ``z`` (one group, one block)."""
+    xp = array_module(z)
+    n = z.shape[0]
+    if n == 0:
+        d = z.shape[1]
+        return 0.0, xp.zeros(d), xp.zeros((d, d))
+    mean = z.mean(axis=0)
+    c = z - mean
+    return float(n), mean, c.T @ c
+
+
+def gram_merge(a, b):
+    """Parallel merge of two (count, mean, scatter) triples."""
+    na, ma, sa = a
+    nb, mb, sb = b
+    if nb == 0:
+        return a
+    if na == 0:
+        return b
+    n = na + nb
+    delta = mb - ma
+    mean = ma + delta * (nb / n)
+    xp = array_module(delta)
+    return n, mean, sa + sb + xp.outer(delta, delta) * (na * nb / n)
+
+
+def _merge_for(kind: str):
+    if kind == "gram":
+        return gram_part, gram_merge
+    from dfre.linalg.tsqr import tsqr_merge, tsqr_part
+
+    return tsqr_part, tsqr_merge
+
+
+def chunk_statistics(block, labels: np.ndarray, n_values: int, kind: str) -> GroupStatistics:
+    """Statistics of every group over one chunk of rows.
+
+    ``labels`` (L, rows) holds per label layer the group value of each row in
+    ``0..n_values-1`` or -1 (row unused in that layer); group ``l * n_values + v``.
+    """
+    part, merge = _merge_for(kind)
+    xp = array_module(block)
+    d = block.shape[1]
+    layers = labels.shape[0]
+    used = (labels >= 0).any(axis=0)
+    nonfinite = xp.zeros(d, dtype=np.int64)
+    results = []
+    for layer in range(layers):
+        for value in range(n_values):
+            rows = np.flatnonzero(labels[layer] == value)
+            acc = part(xp.zeros((0, d)))
+            for lo in range(0, len(rows), SUB_BLOCK_ROWS):
+                idx = rows[lo : lo + SUB_BLOCK_ROWS]
+                z = block[xp.asarray(idx)].astype(np.float64)
+                acc = merge(acc, part(z))
+            results.append(acc)
+    for lo in range(0, block.shape[0], SUB_BLOCK_ROWS):
+        z = block[lo : lo + SUB_BLOCK_ROWS][xp.asarray(used[lo : lo + SUB_BLOCK_ROWS])]
+        nonfinite += (~xp.isfinite(z)).sum(axis=0)
+    return _stack(kind, results, nonfinite, xp)
+
+
+def _stack(kind, results, nonfinite, xp) -> GroupStatistics:
+    count = xp.asarray([r[0] for r in results], dtype=np.float64)
+    mean = xp.stack([r[1] for r in results])
+    d = mean.shape[1]
+    seconds = [r[2] for r in results]
+    if kind == "tsqr":  # pad every factor to D rows so that they stack
+        seconds = [
+            s if s.shape[0] == d else xp.concatenate([s, xp.zeros((d - s.shape[0], d))])
+            for s in seconds
+        ]
+    return GroupStatistics(kind, count, mean, xp.stack(seconds), nonfinite)
+
+
+def merge_statistics(*parts: GroupStatistics) -> GroupStatistics:
+    """Merge the statistics of disjoint sets of rows, group by group."""
+    first = parts[0]
+    _, merge = _merge_for(first.kind)
+    xp = array_module(first.mean)
+    results = []
+    for g in range(len(first.count)):
+        acc = (float(first.count[g]), first.mean[g], first.second[g])
+        for p in parts[1:]:
+            acc = merge(acc, (float(p.count[g]), p.mean[g], p.second[g]))
+        results.append(acc)
+    nonfinite = sum(p.nonfinite for p in parts[1:]) + first.nonfinite
+    return _stack(first.kind, results, nonfinite, xp)
+
+
+def group_statistics(
+    Z: da.Array, labels: np.ndarray, n_values: int, *, solver: str = "gram"
+) -> GroupStatistics:
+    """One pass over the row chunks of ``Z``: statistics of every labelled group.
+
+    The per-chunk results are merged by a tree of fan-in :data:`TREE_FAN_IN` and computed
+    with the active Dask scheduler (the current ``distributed.Client`` if there is one).
+    The result is on the host (numpy).
+    """
+    if solver not in ("gram", "tsqr"):
+        raise ValueError(f"unknown solver {solver!r}")
+    labels = np.asarray(labels)
+    if labels.ndim == 1:
+        labels = labels[None]
+    Z = Z.rechunk({1: -1})
+    blocks = Z.to_delayed().ravel()
+    bounds = np.cumsum((0, *Z.chunks[0]))
+    chunk = dask.delayed(chunk_statistics, pure=True)
+    merge = dask.delayed(merge_statistics, pure=True)
+    parts = [
+        chunk(blk, labels[:, lo:hi], n_values, solver)
+        for blk, lo, hi in zip(blocks, bounds[:-1], bounds[1:], strict=True)
+    ]
+    while len(parts) > 1:
+        parts = [merge(*parts[i : i + TREE_FAN_IN]) for i in range(0, len(parts), TREE_FAN_IN)]
+    (result,) = dask.compute(parts[0])
+    return result.to_numpy()

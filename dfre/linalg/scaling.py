@@ -1,0 +1,99 @@
+"""skmatter's ``StandardFlexibleScaler`` from group statistics, and scaled data factors.
+
+The scaler is fitted on the train rows of each feature set :math:`X` (n, d):
+
+.. math::
+
+    \\mu = \\frac{1}{n}\\sum_i x_i, \\qquad
+    s = \\sqrt{\\sum_{j=1}^{d} \\frac{1}{n}\\sum_i (x_{ij} - \\mu_j)^2}, \\qquad
+    \\tilde x_i = (x_i - \\mu) / s,
+
+so the scaled train rows have a total variance of 1 (skmatter refuses
+:math:`s^2 < 10^{-12}`). Every quantity of a linear reconstruction depends on the scaled
+rows of a group only through a *factor* :math:`F` with
+:math:`F^T F = \\tilde Z_g^T \\tilde Z_g`, built here from the group's statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from dfre.errors import DfreError
+
+#: skmatter's ``StandardFlexibleScaler(atol=1e-12)``: smallest total variance accepted.
+ZERO_VARIANCE = 1e-12
+EPS = np.finfo(np.float64).eps
+
+
+@dataclass
+class FlexibleScaling:
+    """Train mean (D,) of the concatenated sets and one global scale per set (M,)."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    slices: list[slice]
+
+    @property
+    def column_scale(self) -> np.ndarray:
+        """The scale of every column (D,)."""
+        out = np.empty(self.mean.shape[0])
+        for sl, s in zip(self.slices, self.scale, strict=True):
+            out[sl] = s
+        return out
+
+
+def flexible_scaling(
+    count: float,
+    mean: np.ndarray,
+    scatter_diag: np.ndarray,
+    slices: Sequence[slice],
+    names: Sequence[str],
+) -> FlexibleScaling:
+    """Fit the scaler of every feature set from the train count, mean and scatter diagonal."""
+    scales = []
+    for sl, name in zip(slices, names, strict=True):
+        var_sum = float(scatter_diag[sl].sum()) / count
+        if not var_sum >= ZERO_VARIANCE:
+            raise DfreError(
+                f"feature set {name} is constant on the train rows (total variance "
+                f"{var_sum:.3g}): it cannot be scaled; drop it or check how it was computed"
+            )
+        scales.append(np.sqrt(var_sum))
+    return FlexibleScaling(np.asarray(mean, dtype=np.float64), np.array(scales), list(slices))
+
+
+@dataclass
+class Factor:
+    """Rows ``matrix`` (r, D) with ``matrixᵀ matrix`` = scaled scatter of a group about the
+    train mean; singular values of its column blocks below ``floor`` are noise."""
+
+    matrix: np.ndarray
+    count: float
+    floor: float
+
+
+def scaled_factor(
+    kind: str, count: float, mean: np.ndarray, second: np.ndarray, scaling: FlexibleScaling
+) -> Factor:
+    """Factor of the group's rows centred on the *train* mean and scaled per set.
+
+    With :math:`\\delta = \\mu_g - \\mu` the scatter about the train mean is
+    :math:`M_g + n_g \\delta\\delta^T`. For ``kind="tsqr"`` the factor is
+    :math:`[R_g; \\sqrt{n_g}\\delta^T] / c` (``c`` the column scales), exact to working
+    precision. For ``kind="gram"`` it is :math:`\\Lambda^{1/2} V^T` of the eigen-
+    decomposition of the scaled scatter matrix; its singular values below
+    :math:`\\sqrt{D\\,\\epsilon}\\,\\lambda_{max}^{1/2}` are rounding noise (``floor``).
+    """
+    c = scaling.column_scale
+    delta = mean - scaling.mean
+    if kind == "tsqr":
+        stacked = np.concatenate([second, np.sqrt(count) * delta[None]]) / c
+        return Factor(stacked, count, 0.0)
+    gram = (second + count * np.outer(delta, delta)) / np.outer(c, c)
+    w, v = np.linalg.eigh((gram + gram.T) / 2)
+    w = np.clip(w, 0.0, None)
+    floor = np.sqrt(gram.shape[0] * EPS * max(w[-1], 0.0))
+    return Factor(np.sqrt(w)[:, None] * v.T, count, floor)
