@@ -93,18 +93,15 @@ class FeatureExtractor(ABC):
 
     def check(self, atoms: Any) -> str | None:
         """Cheap checks before building a graph: the reason ``atoms`` cannot be
-        featurized (an element outside :attr:`supported_elements`, a partially
-        periodic cell, a single isolated atom), or None."""
+        featurized (an element outside :attr:`supported_elements`, a single
+        isolated atom), or None."""
         numbers = np.asarray(atoms.numbers)
         bad = sorted(set(numbers.tolist()) - set(self.supported_elements))
         if bad:
             from ase.data import chemical_symbols
 
             return f"unsupported element(s) {', '.join(chemical_symbols[z] for z in bad)}"
-        pbc = np.asarray(atoms.pbc, dtype=bool)
-        if pbc.any() and not pbc.all():
-            return "partially periodic structure (pbc must be all True or all False)"
-        if len(atoms) == 1 and not pbc.any():
+        if len(atoms) == 1 and not np.asarray(atoms.pbc).any():
             return "single isolated atom"
         return None
 
@@ -321,13 +318,48 @@ def torch_device(device: str):
     return torch.device(device)
 
 
-def vacuum_box(atoms: Any, cutoff: float, n_hops: int = 1) -> Any:
-    """A periodic copy of a non-periodic structure in a box so large that no image
-    lies within ``n_hops * cutoff`` of any atom, for models that only take cells."""
+def fully_periodic(atoms: Any, cutoff: float) -> Any:
+    """A fully periodic copy of ``atoms`` with the same neighbour graph within ``cutoff``,
+    for models that only take periodic cells.
+
+    Each non-periodic cell vector is replaced by ``L u``: ``u`` a unit vector
+    orthogonal to the periodic vectors (and to the other new ones), and
+    ``L = ptp(positions · u) + cutoff + 1``. Any periodic image then differs by at
+    least ``L - ptp > cutoff`` along ``u``, so no new neighbour appears.
+    """
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if pbc.all():
+        return atoms
     boxed = atoms.copy()
-    extent = np.ptp(boxed.positions, axis=0) if len(boxed) else np.zeros(3)
-    margin = 2.0 * n_hops * cutoff + 1.0
-    boxed.set_cell(np.diag(extent + margin))
-    boxed.positions = boxed.positions - boxed.positions.min(axis=0) + margin / 2.0
+    cell = np.asarray(atoms.cell[:], dtype=np.float64)
+    basis = [cell[i] / np.linalg.norm(cell[i]) for i in range(3) if pbc[i]]
+    basis = [b for b in _orthonormalise(basis)]
+    new_cell = cell.copy()
+    for axis in np.flatnonzero(~pbc):
+        u = _complement_direction(basis, cell[axis])
+        basis.append(u)
+        projections = boxed.positions @ u
+        new_cell[axis] = u * (np.ptp(projections) + cutoff + 1.0)
+    if np.linalg.det(new_cell) < 0:
+        new_cell[np.flatnonzero(~pbc)[0]] *= -1
+    boxed.set_cell(new_cell, scale_atoms=False)
     boxed.pbc = True
     return boxed
+
+
+def _orthonormalise(vectors: list[np.ndarray]) -> list[np.ndarray]:
+    basis: list[np.ndarray] = []
+    for v in vectors:
+        w = v - sum((v @ b) * b for b in basis) if basis else v.copy()
+        basis.append(w / np.linalg.norm(w))
+    return basis
+
+
+def _complement_direction(basis: list[np.ndarray], hint: np.ndarray) -> np.ndarray:
+    """A unit vector orthogonal to ``basis``, as close to ``hint`` as possible."""
+    for candidate in (hint, *np.eye(3)):
+        w = np.asarray(candidate, dtype=np.float64)
+        w = w - sum((w @ b) * b for b in basis) if basis else w.copy()
+        if np.linalg.norm(w) > 1e-6:
+            return w / np.linalg.norm(w)
+    raise ValueError("no direction orthogonal to the periodic cell vectors")

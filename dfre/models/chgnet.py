@@ -9,9 +9,9 @@ the MLP outputs times the number of atoms, plus a composition model.
   the second-to-last convolution),
 * ``ll`` = the input of ``model.mlp.layers[-1]``, the last linear map of the MLP.
 
-Both are read with forward pre-hooks. CHGNet only takes periodic cells, so a
-molecule is placed in a vacuum box where no periodic image lies within the cutoff
-(its graph is then the molecular graph).
+Both are read with forward pre-hooks. CHGNet only takes periodic cells, so the
+non-periodic axes of a molecule, cluster or slab are replaced by vacuum so wide
+that no periodic image lies within the cutoff (the graph is the non-periodic one).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from dfre.models.base import (
     Layer,
     ModelSpec,
     Unsupported,
+    fully_periodic,
     register,
     torch_device,
-    vacuum_box,
 )
 
 #: registry name -> CHGNet.load(model_name=...)
@@ -88,8 +88,7 @@ class CHGNetExtractor(FeatureExtractor):
         """The CHGNet crystal graph of ``atoms`` (built on the CPU)."""
         from pymatgen.io.ase import AseAtomsAdaptor
 
-        if not np.asarray(atoms.pbc).any():
-            atoms = vacuum_box(atoms, self.cutoff)
+        atoms = fully_periodic(atoms, self.cutoff)
         structure = AseAtomsAdaptor.get_structure(atoms)
         try:
             return self.model.graph_converter(structure)

@@ -1,0 +1,493 @@
+"""Featurize: per-atom latent features of a model for every structure of a store.
+
+The atom rows of the store are cut into *units* of whole Zarr chunks of the
+feature arrays; each unit is one Dask task and the only writer of its chunks, so
+two tasks never write into the same Zarr chunk. A small structure straddling a
+chunk boundary is computed by both neighbouring units, each writing its own rows
+(a large one joins the two chunks into one unit), see :func:`plan_units`. A task
+
+1. reads its structures from the store (the store path travels, not the data),
+2. loads the model once per worker process (:func:`dfre.models.load_extractor`
+   caches it; weights are never pickled into a task),
+3. builds the neighbour graphs, optionally ``prefetch`` threads ahead of the
+   forward pass, and runs the model on batches of whole structures of about
+   ``batch_atoms`` atoms,
+4. writes the rows of every layer and of the mask ``features/<model>/_mask``,
+5. and only then marks its chunks done in ``features/<model>/_done_<layer>``
+   (one Zarr chunk per flag, so concurrent tasks never share a flag chunk).
+
+A re-run computes only the units with a chunk not marked done (resumable).
+Structures the model cannot handle are left NaN, masked (True in ``_mask``) and
+reported with the reason; the run continues.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask
+import numpy as np
+
+from dfre.errors import DfreError
+from dfre.models.base import FeatureExtractor, Unsupported, load_extractor, set_torch_threads
+from dfre.store import Store
+
+DEFAULT_BATCH_ATOMS = 2048
+#: Most structure/reason pairs kept in the attributes of the model group.
+MAX_RECORDED_MASKED = 10_000
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One task: it writes rows ``[row_lo, row_hi)`` (Zarr chunks ``[c_lo, c_hi)``) and
+    computes the structures ``[s_lo, s_hi)`` overlapping them, whose rows start at
+    ``first_row``."""
+
+    s_lo: int
+    s_hi: int
+    row_lo: int
+    row_hi: int
+    c_lo: int
+    c_hi: int
+    first_row: int
+
+    @property
+    def n_atoms(self) -> int:
+        return self.row_hi - self.row_lo
+
+
+@dataclass
+class FeaturizeReport:
+    """What a featurize run did."""
+
+    model: str
+    name: str
+    layers: list[str]
+    n_units: int
+    n_units_computed: int
+    n_atoms_computed: int
+    seconds: float
+    masked: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def atoms_per_second(self) -> float:
+        return self.n_atoms_computed / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.name}: layers {', '.join(self.layers)}; computed {self.n_units_computed} of "
+            f"{self.n_units} units ({self.n_atoms_computed} atoms) in {self.seconds:.1f} s "
+            f"({self.atoms_per_second:.0f} atoms/s)"
+        ]
+        if self.masked:
+            lines.append(f"{len(self.masked)} structure(s) masked:")
+            for index, reason in sorted(self.masked.items())[:20]:
+                lines.append(f"  structure {index}: {reason}")
+            if len(self.masked) > 20:
+                lines.append(f"  ... and {len(self.masked) - 20} more (attrs 'masked')")
+        return "\n".join(lines)
+
+
+def plan_units(offsets: np.ndarray, chunk_rows: int, max_straddle: float = 0.125) -> list[Unit]:
+    """Cut the atom rows of structures ``offsets`` into units of whole Zarr chunks.
+
+    Every chunk boundary ``b = k * chunk_rows`` ends a unit, unless a structure larger
+    than ``max_straddle * chunk_rows`` atoms straddles it (then the chunks on both
+    sides form one unit). A smaller straddling structure is computed by both units,
+    each writing only its own rows, so at most ``max_straddle`` of a unit's work is
+    repeated and no two tasks ever write the same chunk.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n_atoms = int(offsets[-1])
+    n_chunks = -(-n_atoms // chunk_rows)
+    edges = [0]
+    for k in range(1, n_chunks):
+        row = k * chunk_rows
+        s = int(np.searchsorted(offsets, row, side="right")) - 1
+        if offsets[s] == row or offsets[s + 1] - offsets[s] <= max_straddle * chunk_rows:
+            edges.append(k)
+    edges.append(n_chunks)
+    units = []
+    for c_lo, c_hi in zip(edges[:-1], edges[1:], strict=True):
+        row_lo, row_hi = c_lo * chunk_rows, min(c_hi * chunk_rows, n_atoms)
+        s_lo = int(np.searchsorted(offsets, row_lo, side="right")) - 1
+        s_hi = int(np.searchsorted(offsets, row_hi, side="left"))
+        units.append(Unit(s_lo, s_hi, row_lo, row_hi, c_lo, c_hi, int(offsets[s_lo])))
+    return units
+
+
+def batches_by_atoms(counts: Sequence[int], batch_atoms: int) -> list[list[int]]:
+    """Consecutive groups of structure positions with about ``batch_atoms`` atoms each
+    (a group closes once it reaches ``batch_atoms``; a large structure is alone)."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for position, count in enumerate(counts):
+        if current and size + count > batch_atoms:
+            groups.append(current)
+            current, size = [], 0
+        current.append(position)
+        size += int(count)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def read_frames(store: Store, s_lo: int, s_hi: int) -> list:
+    """Structures ``[s_lo, s_hi)`` as ``ase.Atoms``, read with one slice per array."""
+    import ase
+
+    s = store.structures
+    offsets = store.offsets[s_lo : s_hi + 1]
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    numbers = np.asarray(s["numbers"][lo:hi]).astype(int)
+    positions = np.asarray(s["positions"][lo:hi])
+    cells = np.asarray(s["cell"][s_lo:s_hi])
+    pbcs = np.asarray(s["pbc"][s_lo:s_hi])
+    frames = []
+    for i in range(s_hi - s_lo):
+        a, b = int(offsets[i]) - lo, int(offsets[i + 1]) - lo
+        frames.append(
+            ase.Atoms(numbers=numbers[a:b], positions=positions[a:b], cell=cells[i], pbc=pbcs[i])
+        )
+    return frames
+
+
+def featurize_frames(
+    extractor: FeatureExtractor,
+    frames: Sequence[Any],
+    layers: Sequence[str],
+    *,
+    batch_atoms: int = DEFAULT_BATCH_ATOMS,
+    prefetch: int = 0,
+) -> tuple[dict[str, np.ndarray], np.ndarray, dict[int, str]]:
+    """Features of ``frames`` in batches, tolerating structures the model cannot handle.
+
+    Returns (layer -> float32 rows of all atoms, NaN for masked structures;
+    boolean row mask; structure position -> reason). With ``prefetch > 0`` the
+    graphs are built by that many threads ahead of the forward pass.
+    """
+    counts = np.array([len(a) for a in frames], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    n_rows = int(starts[-1])
+    out = {
+        layer: np.full((n_rows, extractor.layers[layer].dim or 0), np.nan, np.float32)
+        for layer in layers
+    }
+    mask = np.zeros(n_rows, dtype=bool)
+    reasons: dict[int, str] = {}
+    ok = []
+    for position, atoms in enumerate(frames):
+        reason = extractor.check(atoms)
+        if reason is None:
+            ok.append(position)
+        else:
+            reasons[position] = reason
+
+    def build(group: list[int]) -> list[tuple[int, Any]]:
+        graphs = []
+        for position in group:
+            try:
+                graphs.append((position, extractor.graph(frames[position])))
+            except Unsupported as error:
+                reasons[position] = str(error)
+        return graphs
+
+    groups = batches_by_atoms(counts[ok], batch_atoms)
+    groups = [[ok[i] for i in group] for group in groups]
+    pool = ThreadPoolExecutor(prefetch) if prefetch > 0 else None
+    try:
+        pending = [pool.submit(build, g) for g in groups] if pool else None
+        for index, group in enumerate(groups):
+            built = pending[index].result() if pending else build(group)
+            if not built:
+                continue
+            result = _forward_or_isolate(extractor, built, layers, reasons)
+            rows = np.concatenate(
+                [np.arange(starts[p], starts[p + 1]) for p, _ in built if p not in reasons]
+                or [np.zeros(0, np.int64)]
+            )
+            for layer, values in result.items():
+                if values.shape != (len(rows), out[layer].shape[1]):
+                    raise DfreError(
+                        f"model {extractor.name} returned {values.shape} features for layer "
+                        f"{layer}, expected {(len(rows), out[layer].shape[1])}"
+                    )
+                out[layer][rows] = values
+    finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+    for position in reasons:
+        mask[starts[position] : starts[position + 1]] = True
+    return out, mask, reasons
+
+
+def _forward_or_isolate(
+    extractor: FeatureExtractor,
+    built: list[tuple[int, Any]],
+    layers: Sequence[str],
+    reasons: dict[int, str],
+) -> dict[str, np.ndarray]:
+    """Forward pass of a batch; if the model fails on it, retry structure by structure
+    and mask the ones it fails on (with the error as reason)."""
+    try:
+        return extractor.run(extractor.collate([g for _, g in built]), layers)
+    except Exception:
+        if len(built) == 1:
+            raise
+    parts = []
+    for position, graph in built:
+        try:
+            parts.append(extractor.run(extractor.collate([graph]), layers))
+        except Exception as error:  # the model itself cannot run on this structure
+            reasons[position] = f"model error: {type(error).__name__}: {error}".splitlines()[0]
+    return {
+        layer: np.concatenate([p[layer] for p in parts])
+        if parts
+        else np.zeros((0, extractor.layers[layer].dim or 0), np.float32)
+        for layer in layers
+    }
+
+
+def featurize_unit(
+    store_path: str,
+    model: str,
+    name: str,
+    layers: Sequence[str],
+    unit: Unit,
+    *,
+    device: str = "cpu",
+    options: dict | None = None,
+    batch_atoms: int = DEFAULT_BATCH_ATOMS,
+    prefetch: int = 0,
+    torch_threads: int | None = None,
+) -> dict:
+    """The Dask task: featurize one write unit and record it done after the write.
+
+    Returns ``{"unit": (c_lo, c_hi), "atoms": n, "masked": {structure: reason}}``.
+    """
+    set_torch_threads(torch_threads)
+    extractor = load_extractor(model, device, **(options or {}))
+    store = Store.open(store_path, mode="r+")
+    group = store.group["features"][name]
+    frames = read_frames(store, unit.s_lo, unit.s_hi)
+    out, mask, reasons = featurize_frames(
+        extractor, frames, layers, batch_atoms=batch_atoms, prefetch=prefetch
+    )
+    own = slice(unit.row_lo - unit.first_row, unit.row_hi - unit.first_row)
+    group["_mask"][unit.row_lo : unit.row_hi] = mask[own]
+    for layer in layers:
+        group[layer][unit.row_lo : unit.row_hi] = out[layer][own]
+    for layer in layers:  # the commit point of this unit
+        group[f"_done_{layer}"][unit.c_lo : unit.c_hi] = True
+    return {
+        "unit": (unit.c_lo, unit.c_hi),
+        "atoms": unit.n_atoms,
+        "masked": {unit.s_lo + p: r for p, r in reasons.items()},
+    }
+
+
+def featurize(
+    store: Store | str,
+    model: str,
+    *,
+    layers: Sequence[str] | None = None,
+    name: str | None = None,
+    batch_atoms: int = DEFAULT_BATCH_ATOMS,
+    device: str = "cpu",
+    options: dict | None = None,
+    chunk_atoms: int | None = None,
+    prefetch: int = 0,
+    torch_threads: int | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> FeaturizeReport:
+    """Write the per-atom features of ``model`` for every structure of ``store``.
+
+    Parameters
+    ----------
+    store: a :class:`Store` or its path (opened for appending).
+    model: registry name (``dfre models``), e.g. ``chgnet-0.3.0``.
+    layers: layers to compute (default: all the model offers), e.g. ``["ll", "bb"]``.
+    name: model name in the store (``features/<name>/<layer>``); default ``model``.
+    batch_atoms: atoms per forward pass (whole structures; a larger one is alone).
+    device: ``cpu`` or ``cuda`` (the device of the workers' models).
+    options: passed to the model loader, e.g. ``{"path": "model.pt"}`` for user files.
+    chunk_atoms: rows per Zarr chunk of new feature arrays (one chunk = the smallest
+        unit of work); default: the store's chunk size. Existing arrays keep theirs.
+    prefetch: threads that build neighbour graphs ahead of the forward pass.
+    torch_threads: intra-op torch threads per worker (default: torch's choice).
+    progress: called with each finished task's result dict.
+
+    Runs on the active Dask scheduler: the current ``distributed.Client`` if there
+    is one (results are collected as tasks finish), else dask's default scheduler.
+    """
+    if batch_atoms < 1:
+        raise DfreError(f"--batch-atoms must be a positive number of atoms, got {batch_atoms}")
+    store = store if isinstance(store, Store) else Store.open(store, mode="r+")
+    if not store.writable:
+        store = Store.open(store.path, mode="r+")
+    name = name or model
+    if "/" in name or name.startswith("_") or not name:
+        raise DfreError(
+            f"model name '{name}' in the store must be non-empty, without '/' or a leading '_'"
+        )
+    options = dict(options or {})
+    extractor = load_extractor(model, "cpu", **options)
+    layers = extractor.check_layers(list(layers) if layers is not None else None)
+    if store.n_structures == 0:
+        raise DfreError(
+            f"store {store.path} has no structures: add some with `dfre ingest FILES --store "
+            f"{store.path}` first"
+        )
+    _check_elements(store, extractor)
+
+    group = store.group["features"].require_group(name)
+    chunk = _feature_chunk_rows(store, group, layers, chunk_atoms)
+    for layer in layers:
+        attrs = {**extractor.attrs(layer), "device": device, "registry_name": model}
+        arr = store.create_feature(
+            f"{name}/{layer}", extractor.layers[layer].dim, chunk_atoms=chunk, attrs=attrs
+        )
+        old = arr.attrs.get("weights_sha256")
+        if old != attrs["weights_sha256"]:
+            raise DfreError(
+                f"feature set {name}/{layer} in {store.path} was made with other weights "
+                f"(sha256 {str(old)[:12]}...): choose another --name or remove it"
+            )
+        if arr.chunks[0] != chunk:
+            raise DfreError(f"feature arrays of {name} in {store.path} have different chunk sizes")
+    n_chunks = -(-store.n_atoms // chunk)
+    if "_mask" not in group.array_keys():
+        group.create_array(
+            "_mask", shape=(store.n_atoms,), chunks=(chunk,), dtype="bool", fill_value=False
+        )
+    for layer in layers:
+        if f"_done_{layer}" not in group.array_keys():
+            group.create_array(
+                f"_done_{layer}", shape=(n_chunks,), chunks=(1,), dtype="bool", fill_value=False
+            )
+    done = {layer: np.asarray(group[f"_done_{layer}"][:], dtype=bool) for layer in layers}
+
+    units = plan_units(store.offsets, chunk)
+    todo = []
+    for unit in units:
+        unit_layers = [lay for lay in layers if not done[lay][unit.c_lo : unit.c_hi].all()]
+        if unit_layers:
+            todo.append((unit, unit_layers))
+
+    start = time.perf_counter()
+    tasks = [
+        dask.delayed(featurize_unit, pure=False)(
+            store.path,
+            model,
+            name,
+            unit_layers,
+            unit,
+            device=device,
+            options=options,
+            batch_atoms=batch_atoms,
+            prefetch=prefetch,
+            torch_threads=torch_threads,
+            dask_key_name=f"featurize-{name}-{unit.c_lo}-{unit.c_hi}-{time.time_ns()}",
+        )
+        for unit, unit_layers in todo
+    ]
+    results = _compute_as_completed(tasks, progress)
+    seconds = time.perf_counter() - start
+    masked: dict[int, str] = {}
+    for result in results:
+        masked.update(result["masked"])
+    _record_masked(group, masked)
+    return FeaturizeReport(
+        model=model,
+        name=name,
+        layers=list(layers),
+        n_units=len(units),
+        n_units_computed=len(results),
+        n_atoms_computed=sum(r["atoms"] for r in results),
+        seconds=seconds,
+        masked=masked,
+    )
+
+
+def default_chunk_rows(n_atoms: int, store_chunk: int) -> int:
+    """Rows per chunk of new feature arrays: the store's chunk size, but smaller for
+    small stores so that there are about 64 units of work (at least 2048 rows)."""
+    target = -(-n_atoms // 64)
+    target = max(2048, -(-target // 1024) * 1024)
+    return min(store_chunk, target)
+
+
+def _feature_chunk_rows(store: Store, group, layers: Sequence[str], chunk_atoms: int | None) -> int:
+    existing = [group[k].chunks[0] for k in (*layers, "_mask") if k in group.array_keys()]
+    if existing:
+        return int(existing[0])
+    if chunk_atoms is not None:
+        if chunk_atoms < 1:
+            raise DfreError(f"chunk size must be a positive number of rows, got {chunk_atoms}")
+        return int(chunk_atoms)
+    return default_chunk_rows(store.n_atoms, store.chunk_atoms)
+
+
+def _check_elements(store: Store, extractor: FeatureExtractor) -> None:
+    """A DfreError when the model supports no structure of the store (element mismatch)."""
+    from ase.data import chemical_symbols
+
+    numbers = store.numbers()
+    offsets = store.offsets
+    unsupported = ~np.isin(numbers, np.fromiter(extractor.supported_elements, dtype=np.int64))
+    cumulative = np.concatenate([[0], np.cumsum(unsupported)])
+    bad = cumulative[offsets[1:]] - cumulative[offsets[:-1]] > 0
+    if bad.all():
+        missing = sorted(set(numbers[unsupported].tolist()))
+        raise DfreError(
+            f"model {extractor.name} supports none of the structures of {store.path}: elements "
+            f"{', '.join(chemical_symbols[z] for z in missing)} are outside its training set; "
+            "choose a model trained on these elements"
+        )
+
+
+def _compute_as_completed(tasks: list, progress: Callable[[dict], None] | None) -> list[dict]:
+    """Compute the unit tasks on the active scheduler, reporting each as it finishes."""
+    if not tasks:
+        return []
+    try:
+        from distributed import as_completed, get_client
+
+        client = get_client()
+    except (ImportError, ValueError):
+        client = None
+    if client is None:  # dask's default scheduler; each task records itself as done
+        results = list(dask.compute(*tasks))
+        for result in results:
+            if progress:
+                progress(result)
+        return results
+    results = []
+    futures = client.compute(tasks)
+    try:
+        for future in as_completed(futures):
+            result = future.result()
+            results.append(result)
+            if progress:
+                progress(result)
+    except BaseException:
+        client.cancel(futures)
+        raise
+    return results
+
+
+def _record_masked(group, masked: dict[int, str]) -> None:
+    """Merge the reasons of masked structures into the attrs of the model group."""
+    if not masked and "masked" in group.attrs:
+        return
+    record = dict(group.attrs.get("masked", {}))
+    for index, reason in sorted(masked.items()):
+        if len(record) >= MAX_RECORDED_MASKED:
+            break
+        record[str(index)] = reason
+    group.attrs["masked"] = record
