@@ -533,7 +533,7 @@ def _default_split(n_rows: int, train_idx, test_idx) -> tuple[np.ndarray, np.nda
     return np.asarray(train_idx), np.asarray(test_idx)
 
 
-def _pointwise_pair(X, Y, train_idx, test_idx, scaler, estimator, store, distortion):
+def _pointwise_pair(X, Y, train_idx, test_idx, scaler, estimator, store, distortion, solver):
     _, (x, y) = feature_arrays([X, Y], store=store)
     train, test = _default_split(x.shape[0], train_idx, test_idx)
     result = gfre_matrix(
@@ -550,42 +550,43 @@ def _pointwise_pair(X, Y, train_idx, test_idx, scaler, estimator, store, distort
 
 
 def pointwise_global_reconstruction_error(
-    X, Y, train_idx=None, test_idx=None, scaler=None, estimator=None, *, store=None
+    X, Y, train_idx=None, test_idx=None, scaler=None, estimator=None, *, store=None, solver="tsqr"
 ):
     """skmatter's ``pointwise_global_reconstruction_error``: :math:`\\|y_i - x_i W\\|` for
     every test row (in the order of ``test_idx``), computed by :func:`gfre_matrix`.
 
     ``X`` and ``Y`` are numpy, CuPy or dask arrays (e.g. ``store.features(name)``), or
     feature-set names of ``store``. Only skmatter's default scaler and ``Ridge2FoldCV``
-    estimators are supported.
+    estimators are supported. ``solver="tsqr"`` (default here) reproduces skmatter's SVD
+    path even for nearly exact reconstructions; ``"gram"`` is faster on large data.
     """
-    return _pointwise_pair(X, Y, train_idx, test_idx, scaler, estimator, store, False)
+    return _pointwise_pair(X, Y, train_idx, test_idx, scaler, estimator, store, False, solver)
 
 
 def global_reconstruction_error(
-    X, Y, test_idx=None, train_idx=None, scaler=None, estimator=None, *, store=None
+    X, Y, test_idx=None, train_idx=None, scaler=None, estimator=None, *, store=None, solver="tsqr"
 ):
     """skmatter's ``global_reconstruction_error``:
     :math:`\\sqrt{\\frac{1}{n_{test}}\\sum_i \\|y_i - x_i W\\|^2}` (see
     :func:`pointwise_global_reconstruction_error`)."""
-    values = _pointwise_pair(X, Y, train_idx, test_idx, scaler, estimator, store, False)
+    values = _pointwise_pair(X, Y, train_idx, test_idx, scaler, estimator, store, False, solver)
     return np.linalg.norm(values) / np.sqrt(len(values))
 
 
 def pointwise_global_reconstruction_distortion(
-    X, Y, test_idx=None, train_idx=None, scaler=None, estimator=None, *, store=None
+    X, Y, test_idx=None, train_idx=None, scaler=None, estimator=None, *, store=None, solver="tsqr"
 ):
     """skmatter's ``pointwise_global_reconstruction_distortion``:
     :math:`\\|x_i W - x_i \\Omega\\|` with :math:`\\Omega` the orthogonal (Procrustes)
     map fitted from the train rows to their ridge predictions (needs ``Y`` at least as
     wide as ``X``, as in skmatter)."""
-    return _pointwise_pair(X, Y, train_idx, test_idx, scaler, estimator, store, True)
+    return _pointwise_pair(X, Y, train_idx, test_idx, scaler, estimator, store, True, solver)
 
 
 def global_reconstruction_distortion(
-    X, Y, test_idx=None, train_idx=None, scaler=None, estimator=None, *, store=None
+    X, Y, test_idx=None, train_idx=None, scaler=None, estimator=None, *, store=None, solver="tsqr"
 ):
     """skmatter's ``global_reconstruction_distortion``: RMS over the test rows of
     :func:`pointwise_global_reconstruction_distortion`."""
-    values = _pointwise_pair(X, Y, train_idx, test_idx, scaler, estimator, store, True)
+    values = _pointwise_pair(X, Y, train_idx, test_idx, scaler, estimator, store, True, solver)
     return np.linalg.norm(values) / np.sqrt(len(values))
