@@ -98,7 +98,9 @@ def make_report(store: Any, out_dir: str | os.PathLike, runs: list[str] | None =
                     title = f"{label} per {by} ({run})"
                     add(
                         section,
-                        fig.breakdown_heatmap(g, values, names, title=title, group_label=by),
+                        fig.breakdown_heatmap(
+                            g, values, names, title=title, group_label=by, colorbar_label=label
+                        ),
                         f"{run}-{kind}-per-{by}",
                         f"{label} of the test rows of each {by}",
                     )

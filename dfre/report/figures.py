@@ -103,7 +103,13 @@ def pair_names(names: Sequence[str]) -> list[tuple[int, int, str]]:
 
 
 def breakdown_heatmap(
-    groups: Sequence[str], values: Any, names: Sequence[str], *, title: str, group_label: str
+    groups: Sequence[str],
+    values: Any,
+    names: Sequence[str],
+    *,
+    title: str,
+    group_label: str,
+    colorbar_label: str = "error",
 ) -> Figure:
     """Error of every source → target pair (columns) within each group (rows)."""
     pairs = pair_names(names)
@@ -117,6 +123,7 @@ def breakdown_heatmap(
         title=title,
         row_label=group_label,
         column_label="source → target",
+        colorbar_label=colorbar_label,
     )
 
 
