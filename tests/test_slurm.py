@@ -1,0 +1,139 @@
+"""dfre on a real single-node SLURM: `dfre cluster start --jobqueue slurm` submits Dask
+worker jobs with sbatch (dask-jobqueue's SLURMCluster), the workers join, a store-backed
+computation connected through the scheduler file runs on them and equals the local run,
+and stopping the command cancels the jobs.
+
+SLURM and munge come from Debian packages (.ci/run installs slurm-wlm and munge) and are
+started and stopped by deploy/local-slurm/{start,stop}.sh, which stop exactly the
+daemons they started, by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+from distributed import Client
+from test_cluster import gram_reduction, make_store, stop, wait_for_file
+
+from dfre import cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_SLURM = ROOT / "deploy" / "local-slurm"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def local_slurm():
+    """A running single-node SLURM for the session (skipped only where SLURM is absent)."""
+    if shutil.which("sbatch") is None:
+        pytest.skip("sbatch not installed: apt-get install -y slurm-wlm munge (.ci/run does)")
+    if os.geteuid() != 0:
+        pytest.skip("starting the local SLURM daemons needs root (as in CI)")
+    started = subprocess.run(
+        ["sh", str(LOCAL_SLURM / "start.sh")], capture_output=True, text=True, timeout=120
+    )
+    if started.returncode != 0:
+        pytest.fail(f"deploy/local-slurm/start.sh failed: {started.stderr.strip()}")
+    yield
+    subprocess.run(["sh", str(LOCAL_SLURM / "stop.sh")], capture_output=True, timeout=120)
+
+
+def squeue(*job_ids: str) -> list[str]:
+    """States of our jobs still known to SLURM."""
+    out = subprocess.run(
+        ["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)],
+        capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def write_config(folder: Path) -> Path:
+    """Jobs of one core and 1 GB on the loopback interface, logs kept in ``folder``."""
+    config = folder / "jobqueue.yaml"
+    config.write_text(
+        "jobqueue:\n  slurm:\n    cores: 1\n    memory: 1GB\n    processes: 1\n"
+        "    walltime: '00:10:00'\n    interface: lo\n    death-timeout: 30\n"
+        f"    python: {sys.executable}\n    log-directory: {folder / 'logs'}\n"
+    )
+    return config
+
+
+def test_cluster_start_runs_dfre_on_slurm_jobs(local_slurm, tmp_path):
+    store_path = tmp_path / "store.zarr"
+    make_store(store_path, n_structures=200, seed=3)
+    expected = dask.compute(*gram_reduction(store_path), scheduler="sync")
+
+    config = write_config(tmp_path)
+    scheduler_file = tmp_path / "scheduler.json"
+    log = open(tmp_path / "cluster-start.log", "w")
+    proc = subprocess.Popen(
+        [
+            str(BIN / "dfre"), "cluster", "start", "--jobqueue", "slurm",
+            "--config", str(config), "--workers", "2",
+            "--scheduler-file", str(scheduler_file), "--dashboard-address", ":0",
+        ],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    job_ids: list[str] = []
+    try:
+        wait_for_file(scheduler_file, proc)
+        with cluster.connected(scheduler_file=scheduler_file, quiet=True) as client:
+            client.wait_for_workers(2, timeout=120)
+            # the workers are processes of SLURM jobs that sbatch submitted
+            job_ids = sorted(set(client.run(os.getenv, "SLURM_JOB_ID").values()))
+            assert len(job_ids) == 2 and all(job_ids)
+            assert sorted(line.split()[1] for line in squeue(*job_ids)) == ["RUNNING"] * 2
+            gram, sums = cluster.compute(*gram_reduction(store_path), label="gram on SLURM")
+        np.testing.assert_allclose(gram, expected[0], rtol=1e-14, atol=1e-12)
+        np.testing.assert_array_equal(sums, expected[1])
+
+        os.kill(proc.pid, signal.SIGTERM)  # what Ctrl-C or the end of a batch job does
+        assert proc.wait(60) == 0
+        deadline = time.monotonic() + 30
+        while squeue(*job_ids) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert squeue(*job_ids) == []  # jobs cancelled
+        assert not scheduler_file.exists()
+    finally:
+        stop(proc)
+        log.close()
+        if job_ids:
+            subprocess.run(["scancel", *job_ids], capture_output=True)
+    text = (tmp_path / "cluster-start.log").read_text()
+    assert "2 workers connected" in text and "cluster stopped" in text
+
+
+def test_adaptive_jobqueue_cluster_submits_jobs_for_work(local_slurm, tmp_path):
+    """The library path: an adaptive cluster with no workers submits a job when work comes."""
+    store_path = tmp_path / "store.zarr"
+    make_store(store_path, n_structures=50, seed=4)
+    _, sums = gram_reduction(store_path)
+    (expected,) = dask.compute(sums, scheduler="sync")
+    jobs = cluster.jobqueue_cluster(
+        "slurm", write_config(tmp_path), scheduler_file=tmp_path / "s.json", dashboard_address=":0"
+    )
+    try:
+        assert json.loads((tmp_path / "s.json").read_text())["address"] == jobs.scheduler_address
+        jobs.adapt(minimum=0, maximum=1)
+        with Client(jobs) as client:
+            assert client.scheduler_info()["workers"] == {}
+            (result,) = cluster.compute(sums, label="sums on an adaptive SLURM cluster")
+            job_ids = [j for j in client.run(os.getenv, "SLURM_JOB_ID").values() if j]
+        np.testing.assert_array_equal(result, expected)
+        assert len(job_ids) == 1
+    finally:
+        jobs.close()
+    deadline = time.monotonic() + 30
+    while squeue(*job_ids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert squeue(*job_ids) == []
