@@ -527,6 +527,86 @@ class Store:
         return group
 
 
+    # ------------------------------------------------------------------ summary
+    def feature_completeness(self, name: str) -> float:
+        """Share of the rows of feature set ``name`` written so far (0..1).
+
+        From featurize's done-chunk record ``_done_<layer>`` when there is one, else the
+        share of chunks ever written (feature arrays start as unwritten NaN chunks).
+        """
+        arr = self.feature_array(name)
+        model, _, layer = name.partition("/")
+        group = self.group["features"][model]
+        if f"_done_{layer}" in group.array_keys():
+            done = np.asarray(group[f"_done_{layer}"][...], dtype=bool)
+            return float(done.mean()) if done.size else 1.0
+        return float(arr.nchunks_initialized / arr.nchunks) if arr.nchunks else 1.0
+
+    def summary(self) -> dict:
+        """Everything ``dfre info`` shows, as plain JSON-ready values."""
+        from ase.data import chemical_symbols
+
+        numbers = self.numbers()
+        z_counts = np.bincount(numbers.astype(np.int64), minlength=1) if len(numbers) else []
+        elements = {chemical_symbols[z]: int(c) for z, c in enumerate(z_counts) if c}
+        labels = self.subsets().astype(str)
+        names, inverse = np.unique(labels, return_inverse=True)
+        subsets = {
+            str(n): {
+                "structures": int((inverse == i).sum()),
+                "atoms": int(self.counts[inverse == i].sum()),
+            }
+            for i, n in enumerate(names)
+        }
+        info = {}
+        for key in self.info_keys():
+            values = self.info(key)
+            numeric = values.dtype.kind in "fc"
+            missing = np.isnan(values) if numeric else values.astype(object) == ""
+            info[key] = {"type": "number" if numeric else "text", "missing": int(missing.sum())}
+        features = []
+        for name in self.feature_names():
+            arr = self.feature_array(name)
+            features.append(
+                {
+                    "name": name,
+                    "shape": [self.n_atoms, int(arr.shape[1])],
+                    "dtype": str(arr.dtype),
+                    "complete": round(self.feature_completeness(name), 6),
+                    "masked_rows": int(self.feature_mask(name).sum()),
+                }
+            )
+        descriptors = [
+            {"name": n, "shape": list(self.group["descriptors"][n].shape)}
+            for n in self.descriptor_names()
+        ]
+        results = []
+        for run in self.result_names():
+            attrs = self.result(run).attrs
+            results.append(
+                {
+                    "run": run,
+                    "kind": attrs.get("kind"),
+                    "names": list(attrs.get("names", [])),
+                    "selection": attrs.get("selection"),
+                }
+            )
+        return {
+            "path": self.path,
+            "schema_version": int(self.group.attrs["dfre_schema_version"]),
+            "created": self.group.attrs.get("created"),
+            "n_structures": self.n_structures,
+            "n_atoms": self.n_atoms,
+            "elements": elements,
+            "subsets": subsets,
+            "info": info,
+            "features": features,
+            "descriptors": descriptors,
+            "results": results,
+            "provenance": self.provenance,
+        }
+
+
 def _is_empty_dir(path: str) -> bool:
     return os.path.isdir(path) and not os.listdir(path)
 

@@ -1,0 +1,64 @@
+"""``dfre info``: what a store holds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "info",
+        help="structures, atoms, elements, subsets, feature sets, descriptors, results",
+        description="Summarise a dfre store: sizes, elements, subsets, structure info keys, "
+        "feature sets with shapes and completeness, descriptors, results, provenance.",
+    )
+    p.add_argument("store", metavar="STORE", help="dfre store (path or URL)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dfre.store import Store
+
+    summary = Store.open(args.store).summary()
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def format_summary(s: dict) -> str:
+    """The summary of :meth:`dfre.store.Store.summary` as readable text."""
+    lines = [
+        f"store       {s['path']} (schema {s['schema_version']}, created {s['created']})",
+        f"structures  {s['n_structures']}",
+        f"atoms       {s['n_atoms']}",
+        "elements    " + (", ".join(f"{el} {n}" for el, n in s["elements"].items()) or "none"),
+        "subsets",
+    ]
+    for name, c in s["subsets"].items():
+        lines.append(f"  {name:<24} {c['structures']:>10} structures {c['atoms']:>12} atoms")
+    lines.append("info keys")
+    for key, i in s["info"].items():
+        missing = f", missing in {i['missing']}" if i["missing"] else ""
+        lines.append(f"  {key} ({i['type']}{missing})")
+    lines.append("feature sets" + ("" if s["features"] else "  none"))
+    for f in s["features"]:
+        masked = f", {f['masked_rows']} rows masked" if f["masked_rows"] else ""
+        lines.append(
+            f"  {f['name']:<32} {f['shape'][0]} x {f['shape'][1]} {f['dtype']}, "
+            f"{100 * f['complete']:.1f}% complete{masked}"
+        )
+    lines.append("descriptors" + ("" if s["descriptors"] else "   none"))
+    for d in s["descriptors"]:
+        lines.append(f"  {d['name']:<32} {' x '.join(map(str, d['shape']))}")
+    lines.append("results" + ("" if s["results"] else "       none"))
+    for r in s["results"]:
+        lines.append(
+            f"  {r['run']:<16} {r['kind'] or '?'} of {len(r['names'])} feature sets, "
+            f"selection {r['selection']}"
+        )
+    lines.append("sources")
+    for p in s["provenance"]:
+        state = "complete" if p.get("complete") else "INCOMPLETE (re-run to resume)"
+        lines.append(f"  {p.get('source')}: {p.get('frames_done', '?')} structures, {state}")
+    return "\n".join(lines)

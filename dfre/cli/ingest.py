@@ -1,0 +1,54 @@
+"""``dfre ingest``: stream structure files that ASE reads into a store."""
+
+from __future__ import annotations
+
+import argparse
+
+from dfre.store import DEFAULT_CHUNK_ATOMS
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "ingest",
+        help="append structure files (extxyz, ASE db, CIF, POSCAR, ...) to a store",
+        description="Stream the structures of FILES with ASE into the store, in batches of "
+        "about --chunk-atoms atoms, each committed on its own. An interrupted ingest resumes "
+        "where it stopped when run again; a file ingested completely before is skipped.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="structure files ASE can read")
+    p.add_argument("--store", required=True, help="dfre store (created if absent)")
+    p.add_argument("--format", help="ASE format name (default: guessed from each file)")
+    p.add_argument(
+        "--subset-key",
+        metavar="KEY",
+        help="info key holding the subset label (default: 'subset' or 'config_type', "
+        "else the file name)",
+    )
+    p.add_argument(
+        "--chunk-atoms",
+        type=int,
+        default=DEFAULT_CHUNK_ATOMS,
+        metavar="N",
+        help=f"atoms per chunk of a new store and per committed batch "
+        f"(default {DEFAULT_CHUNK_ATOMS})",
+    )
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dfre.data.ingest import ingest
+    from dfre.lock import store_lock
+    from dfre.store import Store
+
+    with store_lock(args.store, "dfre ingest"):
+        ingest(
+            args.files,
+            args.store,
+            format=args.format,
+            subset_key=args.subset_key,
+            chunk_atoms=args.chunk_atoms,
+            log=print,
+        )
+    store = Store.open(args.store)
+    print(f"{store.path}: {store.n_structures} structures, {store.n_atoms} atoms")
+    return 0

@@ -1,0 +1,68 @@
+"""``dfre sample``: write the embedded sample dataset (built from ASE) into a store."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+from dfre.cluster import add_cluster_arguments, client_from_args
+from dfre.store import DEFAULT_CHUNK_ATOMS
+
+#: Below this many atoms the sample is built in this process, without a cluster.
+LOCAL_ATOMS = 200_000
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sample",
+        help="write the embedded MAD-like sample dataset (from ASE) into a store",
+        description="Append at least --atoms atoms of sample structures (bulk, rattled bulk, "
+        "vacancies, surfaces, clusters, molecules, random alloys; EMT energies for EMT metals) "
+        f"to the store, the same for the same --seed. Samples of {LOCAL_ATOMS} atoms or more, "
+        "or any cluster option, use a Dask cluster.",
+    )
+    p.add_argument("--store", required=True, help="dfre store (created if absent)")
+    p.add_argument("--atoms", type=int, default=2000, metavar="N", help="atoms (default 2000)")
+    p.add_argument("--seed", type=int, default=0, metavar="K", help="random seed (default 0)")
+    p.add_argument(
+        "--energies",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="EMT energies for structures of EMT metals (--no-energies: about 5x faster)",
+    )
+    p.add_argument(
+        "--chunk-atoms",
+        type=int,
+        default=DEFAULT_CHUNK_ATOMS,
+        metavar="N",
+        help=f"atoms per chunk of a new store (default {DEFAULT_CHUNK_ATOMS})",
+    )
+    add_cluster_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def _wants_cluster(args: argparse.Namespace) -> bool:
+    asked = any(getattr(args, k, None) for k in ("scheduler", "scheduler_file", "workers"))
+    return asked or args.atoms >= LOCAL_ATOMS
+
+
+def run(args: argparse.Namespace) -> int:
+    from dfre.data.sample import write_sample
+    from dfre.errors import DfreError
+    from dfre.lock import store_lock
+
+    if args.atoms < 1:
+        raise DfreError(f"--atoms must be a positive number of atoms, not {args.atoms}")
+    if args.chunk_atoms < 1:
+        raise DfreError(f"--chunk-atoms must be a positive number, not {args.chunk_atoms}")
+    cluster = client_from_args(args) if _wants_cluster(args) else contextlib.nullcontext()
+    with store_lock(args.store, f"dfre sample --atoms {args.atoms}"), cluster:
+        store = write_sample(
+            args.store,
+            args.atoms,
+            args.seed,
+            chunk_atoms=args.chunk_atoms,
+            energies=args.energies,
+        )
+    print(f"{store.path}: {store.n_structures} structures, {store.n_atoms} atoms")
+    return 0
