@@ -16,7 +16,9 @@ from dfre import __version__
 from dfre.errors import DfreError
 
 #: Modules of ``dfre.cli`` that each define one or more sub-commands, in help order.
-COMMAND_MODULES: list[str] = ["cumulants", "pcovr", "report", "chemiscope", "cluster", "gfre"]
+COMMAND_MODULES: list[str] = [
+    "ingest", "sample", "info",
+    "cumulants", "pcovr", "report", "chemiscope", "cluster", "gfre"]
 
 
 def build_parser() -> argparse.ArgumentParser:
