@@ -119,8 +119,9 @@ def test_dask_chunks_on_a_distributed_cluster_equal_numpy():
     expected = gfre_matrix(sets, (train, test), pointwise=True)
     chunked = [da.from_array(s.astype(np.float32), chunks=(173, -1)) for s in sets]
     with (
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
-        as cluster,
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
         Client(cluster),
     ):
         for solver in ("gram", "tsqr"):
@@ -200,12 +201,24 @@ def test_compatible_functions_follow_skmatter_defaults_and_orders():
 @pytest.mark.parametrize(
     "estimator",
     [
-        Ridge2FoldCV(alphas=np.geomspace(1e-6, 0.5, 9), alpha_type="relative",
-                     regularization_method="tikhonov", random_state=3),
-        Ridge2FoldCV(alphas=[1e-3, 1e-1, 1.0, 10.0], alpha_type="absolute",
-                     regularization_method="cutoff", random_state=4),
-        Ridge2FoldCV(alphas=[1e-4, 1e-2, 1.0], regularization_method="tikhonov",
-                     scoring="neg_mean_squared_error", shuffle=False),
+        Ridge2FoldCV(
+            alphas=np.geomspace(1e-6, 0.5, 9),
+            alpha_type="relative",
+            regularization_method="tikhonov",
+            random_state=3,
+        ),
+        Ridge2FoldCV(
+            alphas=[1e-3, 1e-1, 1.0, 10.0],
+            alpha_type="absolute",
+            regularization_method="cutoff",
+            random_state=4,
+        ),
+        Ridge2FoldCV(
+            alphas=[1e-4, 1e-2, 1.0],
+            regularization_method="tikhonov",
+            scoring="neg_mean_squared_error",
+            shuffle=False,
+        ),
     ],
 )
 def test_other_ridge_settings_match_skmatter(estimator):

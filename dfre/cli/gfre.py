@@ -61,9 +61,13 @@ def format_matrix(names: list[str], matrix: np.ndarray) -> str:
 
 
 def run(args) -> int:
+    from dfre.data.selection import parse_spec
     from dfre.store import Store
 
     store = Store.open(args.store, mode="r+")
+    for name in args.features:  # fail on bad input before any cluster starts
+        store.feature_array(name)
+    parse_spec(args.selection)
     with store_lock(args.store, "dfre gfre"), client_from_args(args):
         result = gfre_store(
             store,

@@ -535,6 +535,11 @@ def _default_split(n_rows: int, train_idx, test_idx) -> tuple[np.ndarray, np.nda
 
 def _pointwise_pair(X, Y, train_idx, test_idx, scaler, estimator, store, distortion, solver):
     _, (x, y) = feature_arrays([X, Y], store=store)
+    if distortion and y.shape[1] < x.shape[1]:
+        raise DfreError(
+            f"the reconstruction distortion needs a target at least as wide as the source "
+            f"({y.shape[1]} < {x.shape[1]} features), as in skmatter: swap source and target"
+        )
     train, test = _default_split(x.shape[0], train_idx, test_idx)
     result = gfre_matrix(
         [x, y],
