@@ -235,7 +235,9 @@ def ingest(
 
 
 def _exists(path: str) -> bool:
-    return "://" in path or (os.path.exists(path) and bool(os.listdir(path)))
+    if "://" in path or os.path.isfile(path):
+        return True
+    return os.path.isdir(path) and bool(os.listdir(path))
 
 
 def _ingest_file(
