@@ -410,7 +410,8 @@ def load_jobqueue_config(kind: str, path: str | os.PathLike | None = None) -> di
     """The dask-jobqueue settings of batch system ``kind`` ("slurm" or "pbs").
 
     ``path`` is a YAML file in dask-jobqueue's layout (``jobqueue: {slurm: {...}}``),
-    or a dfre analysis config holding that layout under ``cluster:``. Without ``path``
+    or a dfre analysis config (YAML, or TOML if it ends in ``.toml``) holding that
+    layout under ``cluster`` (``[cluster.jobqueue.slurm]``). Without ``path``
     the settings come from the Dask config (e.g. ``~/.config/dask/jobqueue.yaml``).
     Keys are dask-jobqueue's (``cores``, ``memory``, ``queue``, ``walltime``,
     ``job-extra-directives``, ...); ``cores`` and ``memory`` are required. Returns the
@@ -440,32 +441,43 @@ def load_jobqueue_config(kind: str, path: str | os.PathLike | None = None) -> di
 
 
 def _read_jobqueue_file(path: str, kind: str) -> dict:
-    import yaml
-
     if not os.path.isfile(path):
         raise DfreError(f"jobqueue config {path} does not exist: fix the --config path")
+    document = _read_toml(path) if path.endswith(".toml") else _read_yaml(path)
+    if not isinstance(document, dict):
+        raise DfreError(f"jobqueue config {path} must be a mapping with a 'jobqueue' key")
+    if "jobqueue" not in document and isinstance(document.get("cluster"), dict):
+        document = document["cluster"]
+    jobqueue = document.get("jobqueue")
+    section = jobqueue.get(kind) if isinstance(jobqueue, dict) else None
+    if not isinstance(section, dict):
+        raise DfreError(
+            f"jobqueue config {path} has no 'jobqueue: {kind}:' section: add one "
+            f"(see deploy/jobqueue/{kind}.yaml)"
+        )
+    return _hyphenate(section)
+
+
+def _read_yaml(path: str) -> Any:
+    import yaml
+
     try:
         with open(path) as f:
-            document = yaml.safe_load(f) or {}
+            return yaml.safe_load(f) or {}
     except yaml.YAMLError as error:
         line = getattr(getattr(error, "problem_mark", None), "line", None)
         where = f" near line {line + 1}" if line is not None else ""
         raise DfreError(f"jobqueue config {path} is not valid YAML{where}: fix it") from None
-    if not isinstance(document, dict):
-        raise DfreError(f"jobqueue config {path} must be a YAML mapping with a 'jobqueue' key")
-    if "jobqueue" not in document and isinstance(document.get("cluster"), dict):
-        document = document["cluster"]
-    section = (
-        (document.get("jobqueue") or {}).get(kind)
-        if isinstance(document.get("jobqueue"), dict)
-        else None
-    )
-    if not isinstance(section, dict):
-        raise DfreError(
-            f"jobqueue config {path} has no 'jobqueue: {kind}:' section: add one "
-            "(see deploy/jobqueue-*.yaml)"
-        )
-    return _hyphenate(section)
+
+
+def _read_toml(path: str) -> Any:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as error:
+        raise DfreError(f"jobqueue config {path} is not valid TOML ({error}): fix it") from None
 
 
 def _check_job_size(settings: dict, source: str, kind: str) -> None:

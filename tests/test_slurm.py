@@ -137,3 +137,49 @@ def test_adaptive_jobqueue_cluster_submits_jobs_for_work(local_slurm, tmp_path):
     while squeue(*job_ids) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert squeue(*job_ids) == []
+
+
+@pytest.mark.filterwarnings("ignore::dfre.descriptors.cumulants.CumulantNotice")
+def test_sbatch_study_script_runs_a_dfre_command(local_slurm, tmp_path):
+    """deploy/slurm/study.sbatch on CPU: scheduler + 2 srun workers + `dfre cumulants`."""
+    from dfre.descriptors.cumulants import compute_cumulants
+    from dfre.store import Store
+
+    store_path = tmp_path / "store.zarr"
+    make_store(store_path, n_structures=120, seed=5)
+    local_path = tmp_path / "local.zarr"
+    shutil.copytree(store_path, local_path)
+    local = Store.open(local_path, mode="r+")
+    with dask.config.set(scheduler="sync"):
+        name = compute_cumulants(local, "model-a/bb", 3)
+
+    out = tmp_path / "study.out"
+    submitted = subprocess.run(
+        [
+            "sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+            "--mem-per-cpu=1G", "--gpus-per-node=0", f"--output={out}", f"--chdir={tmp_path}",
+            f"--export=ALL,DFRE_GPU=0,DFRE_SCHEDULER_PORT=0,DFRE_DASHBOARD_ADDRESS=:0,"
+            f"DFRE_INTERFACE=lo,PATH={BIN}:{os.environ['PATH']}",
+            str(ROOT / "deploy" / "slurm" / "study.sbatch"),
+            "cumulants", "--store", str(store_path), "--features", "model-a/bb", "--order", "3",
+        ],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    job_id = submitted.stdout.strip().split(";")[0]
+    try:
+        deadline = time.monotonic() + 120
+        while squeue(job_id) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert squeue(job_id) == [], "the study job did not finish within 120 s"
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+    state = subprocess.run(
+        ["scontrol", "show", "job", job_id], capture_output=True, text=True
+    ).stdout  # fmt: skip
+    log = out.read_text()
+    assert "JobState=COMPLETED" in state and "ExitCode=0:0" in state, log[-3000:]
+    assert "workers 2" in log
+    assert f"model-a/bb -> descriptors/{name}" in log
+    np.testing.assert_allclose(
+        Store.open(store_path).descriptor(name), local.descriptor(name), rtol=1e-12, atol=1e-12
+    )

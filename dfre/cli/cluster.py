@@ -64,6 +64,19 @@ def add_parser(subparsers) -> None:
         "info",
         help="connect as other commands do and list the scheduler and its workers",
     )
+    info.add_argument(
+        "--wait",
+        type=int,
+        metavar="N",
+        help="first wait until N workers have joined (e.g. in a batch script)",
+    )
+    info.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="give up waiting for the workers after this long (default 600)",
+    )
     cluster.add_cluster_arguments(info)
     info.set_defaults(handler=run_info)
 
@@ -144,6 +157,15 @@ def _follow(jobs) -> None:
 
 def run_info(args: argparse.Namespace) -> int:
     with cluster.client_from_args(args) as client:
+        if args.wait:
+            try:
+                client.wait_for_workers(args.wait, timeout=args.wait_timeout)
+            except TimeoutError:
+                joined = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+                raise DfreError(
+                    f"only {joined} of {args.wait} workers joined the scheduler within "
+                    f"{args.wait_timeout:g} s: check the worker jobs' logs"
+                ) from None
         info = client.scheduler_info(n_workers=-1)
         workers = info.get("workers", {})
         print(f"scheduler {info.get('address', client.scheduler.address)}")
