@@ -26,7 +26,8 @@ Here every neighbourhood of a block is solved together. The fast path works with
 kernel :math:`K = X_c X_c^T` (k, k): a batched ``eigh`` of its fold blocks
 :math:`K_{ff} = U_f S_f^2 U_f^T` gives the same :math:`s_f, U_f`, and
 :math:`X_2 V_1 S_1^{-1} U_1^T = K_{21} U_1 S_1^{-2} U_1^T`; the refit uses
-:math:`(x - \\bar x) X_c^T U S^{-2} U^T Y_c`. An eigenvalue of a kernel is only
+:math:`(x - \\bar x) X_c^T U S^{-2} U^T Y_c`, with the exact null direction
+:math:`(1, \\dots, 1)` of the centred kernel projected out first. An eigenvalue of a kernel is only
 accurate to about :math:`k\\,\\epsilon\\,\\lambda_{\\max}`, so a neighbourhood whose
 kept (or possibly kept) components include one with :math:`s < 10^{-3} s_{\\max}` is
 recomputed with batched SVDs of the centred data, exactly as scikit-matter does. The
@@ -130,82 +131,116 @@ def _unreliable(lam, threshold, k):
     return (doubtful & maybe_kept).any(axis=1)
 
 
-def _kernel_path(xc, yc, q, fold1, fold2, alphas, rcond):
-    """Kernel (eigh) solution of every item; also flags items that need the SVD path."""
+def _complement_of_ones(k: int) -> np.ndarray:
+    """Orthonormal basis (k, k-1) of the vectors orthogonal to (1, ..., 1) (Householder)."""
+    w = np.full(k, 1.0 / np.sqrt(k))
+    w[0] -= 1.0
+    reflector = np.eye(k) - 2.0 * np.outer(w, w) / (w @ w)
+    return reflector[:, 1:]
+
+
+def _kernel_path(xc, ycs, q, fold1, fold2, alphas, rcond):
+    """Kernel (eigh) solution for every target; also flags items that need the SVD path."""
     xp = array_module(xc)
     k, d = xc.shape[1], xc.shape[2]
     kern = xc @ xc.transpose(0, 2, 1)
     f1, f2 = xp.asarray(fold1), xp.asarray(fold2)
-    k11 = kern[:, f1][:, :, f1]
-    k22 = kern[:, f2][:, :, f2]
     k21 = kern[:, f2][:, :, f1]
-    y1, y2 = yc[:, f1], yc[:, f2]
-    lam1, u1 = _descending(*xp.linalg.eigh(k11), min(len(fold1), d))
-    lam2, u2 = _descending(*xp.linalg.eigh(k22), min(len(fold2), d))
+    lam1, u1 = _descending(*xp.linalg.eigh(kern[:, f1][:, :, f1]), min(len(fold1), d))
+    lam2, u2 = _descending(*xp.linalg.eigh(kern[:, f2][:, :, f2]), min(len(fold2), d))
     s1, s2 = xp.sqrt(xp.maximum(lam1, 0.0)), xp.sqrt(xp.maximum(lam2, 0.0))
-    a12, b1 = k21 @ u1, u1.transpose(0, 2, 1) @ y1
-    a21, b2 = k21.transpose(0, 2, 1) @ u2, u2.transpose(0, 2, 1) @ y2
-    best, threshold, thresholds = _best_alpha(
-        a12, b1, s1, lam1, a21, b2, s2, lam2, y1, y2, alphas, rcond
-    )
-    lam, u = _descending(*xp.linalg.eigh(kern), min(k, d))
+    a12, a21 = k21 @ u1, k21.transpose(0, 2, 1) @ u2
+    # The centred rows sum to zero: the ones direction is an exact null vector of the
+    # kernel (scikit-matter's SVD finds s ~ eps there, below every threshold). Removing it
+    # exactly keeps its rounding-level eigenvalue from posing as a kept component.
+    basis = xp.asarray(_complement_of_ones(k))
+    lam, uc = _descending(*xp.linalg.eigh(basis.T @ kern @ basis), min(k - 1, d))
+    u = basis @ uc
     s = xp.sqrt(xp.maximum(lam, 0.0))
-    keep = s > threshold[:, None]
-    kq = (xc @ q[:, :, None])[:, :, 0]
-    weights = xp.where(keep, 1.0 / xp.where(lam > 0, lam, 1.0), 0.0)
-    coef = ((kq[:, None, :] @ u)[:, 0] * weights)[:, None, :]
-    prediction = (coef @ (u.transpose(0, 2, 1) @ yc))[:, 0]
-    smallest = xp.maximum(thresholds.min(axis=1), rcond)
-    redo = _unreliable(lam1, smallest, k) | _unreliable(lam2, smallest, k)
-    redo |= _unreliable(lam, threshold, k)
-    return prediction, best, redo
+    kq_u = ((xc @ q[:, :, None]).transpose(0, 2, 1) @ u)[:, 0]
+    inverse = 1.0 / xp.where(lam > 0, lam, 1.0)
+    predictions, bests = [], []
+    redo = None
+    for yc in ycs:
+        y1, y2 = yc[:, f1], yc[:, f2]
+        b1, b2 = u1.transpose(0, 2, 1) @ y1, u2.transpose(0, 2, 1) @ y2
+        best, threshold, thresholds = _best_alpha(
+            a12, b1, s1, lam1, a21, b2, s2, lam2, y1, y2, alphas, rcond
+        )
+        weights = xp.where(s > threshold[:, None], inverse, 0.0)
+        coef = (kq_u * weights)[:, None, :]
+        predictions.append((coef @ (u.transpose(0, 2, 1) @ yc))[:, 0])
+        bests.append(best)
+        if redo is None:
+            smallest = xp.maximum(thresholds.min(axis=1), rcond)
+            redo = _unreliable(lam1, smallest, k) | _unreliable(lam2, smallest, k)
+        redo |= _unreliable(lam, threshold, k)
+    return predictions, bests, redo
 
 
-def _svd_path(xc, yc, q, fold1, fold2, alphas, rcond):
-    """scikit-matter's SVD solution of every item (batched)."""
+def _svd_path(xc, ycs, q, fold1, fold2, alphas, rcond):
+    """scikit-matter's SVD solution for every target (batched)."""
     xp = array_module(xc)
     f1, f2 = xp.asarray(fold1), xp.asarray(fold2)
-    x1, x2, y1, y2 = xc[:, f1], xc[:, f2], yc[:, f1], yc[:, f2]
+    x1, x2 = xc[:, f1], xc[:, f2]
     u1, s1, v1t = xp.linalg.svd(x1, full_matrices=False)
     u2, s2, v2t = xp.linalg.svd(x2, full_matrices=False)
-    a12, b1 = x2 @ v1t.transpose(0, 2, 1), u1.transpose(0, 2, 1) @ y1
-    a21, b2 = x1 @ v2t.transpose(0, 2, 1), u2.transpose(0, 2, 1) @ y2
-    best, threshold, _ = _best_alpha(a12, b1, s1, s1, a21, b2, s2, s2, y1, y2, alphas, rcond)
+    a12, a21 = x2 @ v1t.transpose(0, 2, 1), x1 @ v2t.transpose(0, 2, 1)
     u, s, vt = xp.linalg.svd(xc, full_matrices=False)
-    keep = s > threshold[:, None]
-    weights = xp.where(keep, 1.0 / xp.where(s > 0, s, 1.0), 0.0)
-    coef = ((q[:, None, :] @ vt.transpose(0, 2, 1))[:, 0] * weights)[:, None, :]
-    return (coef @ (u.transpose(0, 2, 1) @ yc))[:, 0], best
+    q_v = (q[:, None, :] @ vt.transpose(0, 2, 1))[:, 0]
+    inverse = 1.0 / xp.where(s > 0, s, 1.0)
+    predictions, bests = [], []
+    for yc in ycs:
+        y1, y2 = yc[:, f1], yc[:, f2]
+        b1, b2 = u1.transpose(0, 2, 1) @ y1, u2.transpose(0, 2, 1) @ y2
+        best, threshold, _ = _best_alpha(a12, b1, s1, s1, a21, b2, s2, s2, y1, y2, alphas, rcond)
+        coef = (q_v * xp.where(s > threshold[:, None], inverse, 0.0))[:, None, :]
+        predictions.append((coef @ (u.transpose(0, 2, 1) @ yc))[:, 0])
+        bests.append(best)
+    return predictions, bests
 
 
 def local_ridge(x_neighbours, y_neighbours, x_query, alphas=DEFAULT_ALPHAS, *, method="auto"):
-    """Local ridge predictions of the target for a batch of queries.
+    """Local ridge predictions of one or several targets for a batch of queries.
 
-    ``x_neighbours`` (b, k, d), ``y_neighbours`` (b, k, d') are the neighbourhoods of the
-    b queries ``x_query`` (b, d), all float64 and already scaled. ``method`` is
-    ``"auto"`` (kernel path, SVD where the kernel is not accurate enough), ``"svd"`` or
-    ``"kernel"`` (no fallback; for measurements only). Returns a :class:`LocalRidgeResult`
-    whose ``prediction`` is :math:`\\bar y + (x - \\bar x) P` for each query.
+    ``x_neighbours`` (b, k, d) are the source neighbourhoods of the b queries ``x_query``
+    (b, d); ``y_neighbours`` (b, k, d') the target rows of the same neighbours, or a list
+    of such arrays for several targets (the source decompositions are shared). All are
+    scaled; they are used in float64. ``method`` is ``"auto"`` (kernel path, SVD where
+    the kernel is not accurate enough), ``"svd"`` or ``"kernel"`` (no fallback; for
+    measurements only). Returns a :class:`LocalRidgeResult` per target (a list when a
+    list was given) whose ``prediction`` is :math:`\\bar y + (x - \\bar x) P`.
     """
+    several = isinstance(y_neighbours, list | tuple)
+    ys = list(y_neighbours) if several else [y_neighbours]
     xp = array_module(x_neighbours)
     alphas = np.asarray(alphas, dtype=np.float64)
     x_neighbours = xp.asarray(x_neighbours, dtype=xp.float64)
-    y_neighbours = xp.asarray(y_neighbours, dtype=xp.float64)
     n_batch, k, d = x_neighbours.shape
-    xm, ym = x_neighbours.mean(axis=1), y_neighbours.mean(axis=1)
-    xc, yc = x_neighbours - xm[:, None], y_neighbours - ym[:, None]
+    xm = x_neighbours.mean(axis=1)
+    xc = x_neighbours - xm[:, None]
+    ys = [xp.asarray(y, dtype=xp.float64) for y in ys]
+    yms = [y.mean(axis=1) for y in ys]
+    ycs = [y - ym[:, None] for y, ym in zip(ys, yms, strict=True)]
     q = xp.asarray(x_query, dtype=xp.float64) - xm
     fold1, fold2 = fold_positions(k)
     rcond = max(k, d) * EPS
     if method == "svd":
-        centred, best = _svd_path(xc, yc, q, fold1, fold2, alphas, rcond)
+        centred, bests = _svd_path(xc, ycs, q, fold1, fold2, alphas, rcond)
         n_exact = n_batch
     else:
-        centred, best, redo = _kernel_path(xc, yc, q, fold1, fold2, alphas, rcond)
+        centred, bests, redo = _kernel_path(xc, ycs, q, fold1, fold2, alphas, rcond)
         redo = xp.nonzero(redo)[0] if method == "auto" else redo[:0]
         n_exact = int(len(redo))
         if n_exact:
-            centred[redo], best[redo] = _svd_path(
-                xc[redo], yc[redo], q[redo], fold1, fold2, alphas, rcond
+            exact, exact_best = _svd_path(
+                xc[redo], [yc[redo] for yc in ycs], q[redo], fold1, fold2, alphas, rcond
             )
-    return LocalRidgeResult(ym + centred, xp.asarray(alphas)[best], n_exact)
+            for t in range(len(ycs)):
+                centred[t][redo], bests[t][redo] = exact[t], exact_best[t]
+    alphas_xp = xp.asarray(alphas)
+    results = [
+        LocalRidgeResult(ym + c, alphas_xp[best], n_exact)
+        for ym, c, best in zip(yms, centred, bests, strict=True)
+    ]
+    return results if several else results[0]
