@@ -261,8 +261,9 @@ def test_progress_on_the_cluster_counts_tasks(dask_cluster, store_path, capsys):
 
 # ---------------------------------------------------------------------- bad input
 def one_line_error(capsys) -> str:
+    """The single error line of a failed command (after at most the dashboard line)."""
     err = capsys.readouterr().err
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines() if not line.startswith("dfre: Dask")]
     assert len(lines) == 1 and lines[0].startswith("dfre: error: "), err
     return lines[0]
 
@@ -460,3 +461,44 @@ def test_pbs_start_without_qsub(tmp_path, monkeypatch):
     config = write_yaml(tmp_path / "jq.yaml", "jobqueue:\n  pbs:\n    cores: 2\n    memory: 2GB\n")
     with pytest.raises(DfreError, match="qsub not found: run .* on a PBS login node"):
         cluster.jobqueue_cluster("pbs", config, scheduler_file=tmp_path / "s.json")
+
+
+def test_toml_analysis_config_and_bad_toml(tmp_path):
+    study = write_yaml(
+        tmp_path / "study.toml",
+        '[cluster.jobqueue.pbs]\ncores = 4\nmemory = "8GB"\nqueue = "gpu"\n',
+    )
+    settings = cluster.load_jobqueue_config("pbs", study)
+    assert (settings["cores"], settings["memory"], settings["queue"]) == (4, "8GB", "gpu")
+    bad = write_yaml(tmp_path / "bad.toml", "[cluster.jobqueue.pbs\n")
+    with pytest.raises(DfreError, match="is not valid TOML"):
+        cluster.load_jobqueue_config("pbs", bad)
+
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "jobqueue"
+
+
+@pytest.mark.parametrize("name", ["slurm", "slurm-gpu", "pbs", "pbs-gpu"])
+def test_deploy_jobqueue_examples_are_valid(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # dask-jobqueue creates the log directory
+    kind = name.split("-")[0]
+    config = DEPLOY / f"{name}.yaml"
+    assert cluster.load_jobqueue_config(kind, config)["cores"] == 32
+    assert main(["cluster", "start", "--jobqueue", kind, "--config", str(config), "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    if name.endswith("gpu"):
+        assert "-m dask_cuda.cli tcp://SCHEDULER:8786" in script
+        assert "--gres=gpu:4" in script or "ngpus=4" in script
+    else:
+        assert "-m distributed.cli.dask_worker tcp://SCHEDULER:8786" in script
+        assert "--nworkers 4 --nanny" in script and "--nthreads 8" in script
+
+
+def test_cli_info_waits_for_workers(dask_cluster, capsys):
+    assert main(["cluster", "info", "--scheduler", dask_cluster[0], "--wait", "2"]) == 0
+    assert "workers 2" in capsys.readouterr().out
+    code = main(
+        ["cluster", "info", "--scheduler", dask_cluster[0], "--wait", "3", "--wait-timeout", "1"]
+    )  # fmt: skip
+    assert code == 2
+    assert "only 2 of 3 workers joined" in one_line_error(capsys)
