@@ -94,7 +94,17 @@ def gram_part(z):
         return 0.0, xp.zeros(d), xp.zeros((d, d))
     mean = z.mean(axis=0)
     c = z - mean
-    return float(n), mean, c.T @ c
+    return float(n), mean, _crossproduct(c)
+
+
+def _crossproduct(c):
+    """:math:`C^T C`; on the CPU with BLAS ``dsyrk`` (half the flops of a GEMM)."""
+    if array_module(c) is not np:
+        return c.T @ c
+    from scipy.linalg.blas import dsyrk
+
+    upper = dsyrk(1.0, c.T, trans=0)  # c.T is Fortran-ordered: no copy
+    return np.triu(upper) + np.triu(upper, 1).T
 
 
 def gram_merge(a, b):
@@ -139,12 +149,14 @@ def chunk_statistics(block, labels: np.ndarray, n_values: int, kind: str) -> Gro
             acc = part(xp.zeros((0, d)))
             for lo in range(0, len(rows), SUB_BLOCK_ROWS):
                 idx = rows[lo : lo + SUB_BLOCK_ROWS]
-                z = block[xp.asarray(idx)].astype(np.float64)
+                z = xp.take(block, xp.asarray(idx), axis=0).astype(np.float64)
                 acc = merge(acc, part(z))
             results.append(acc)
-    for lo in range(0, block.shape[0], SUB_BLOCK_ROWS):
-        z = block[lo : lo + SUB_BLOCK_ROWS][xp.asarray(used[lo : lo + SUB_BLOCK_ROWS])]
-        nonfinite += (~xp.isfinite(z)).sum(axis=0)
+    for _, mean, _ in results:  # a non-finite value makes its column's mean non-finite
+        if not bool(xp.isfinite(mean).all()):
+            z = block[xp.asarray(used)]
+            nonfinite += (~xp.isfinite(z)).sum(axis=0)
+            break
     return _stack(kind, results, nonfinite, xp)
 
 
