@@ -103,6 +103,23 @@ def signed_root(kappa: Any, order: int) -> Any:
 
 
 # ---------------------------------------------------------------------- one block
+def segment_sum_operator(offsets: np.ndarray, xp: Any = np) -> Any:
+    """Sparse (n_structures, n_rows) CSR matrix S with S @ X = per-structure sums of X.
+
+    Row s holds ones in columns ``offsets[s]:offsets[s+1]`` (the CSR ``indptr`` is the
+    offsets themselves). SciPy for numpy data, ``cupyx.scipy.sparse`` for CuPy data.
+    """
+    if xp is np:
+        import scipy.sparse as sparse
+    else:  # pragma: no cover - needs a GPU
+        import cupyx.scipy.sparse as sparse
+    n_rows = int(offsets[-1])
+    return sparse.csr_matrix(
+        (xp.ones(n_rows), xp.arange(n_rows, dtype=xp.int64), xp.asarray(offsets)),
+        shape=(len(offsets) - 1, n_rows),
+    )
+
+
 def structure_cumulants(features: Any, offsets: Any, order: int, *, signed: bool = True) -> Any:
     """Per-structure cumulants of ``features`` (n_atoms, d) up to ``order``.
 
@@ -119,12 +136,12 @@ def structure_cumulants(features: Any, offsets: Any, order: int, *, signed: bool
     n_structures, dim = len(counts), x.shape[1]
     if n_structures == 0:
         return xp.zeros((0, order * dim), dtype=xp.float64)
-    starts = xp.asarray(offsets[:-1])
     rows_of = xp.asarray(np.repeat(np.arange(n_structures), counts))
     n = xp.asarray(counts, dtype=xp.float64)[:, None]
+    summer = segment_sum_operator(offsets, xp)
 
     def segment_mean(values):
-        return xp.add.reduceat(values, starts, axis=0) / n
+        return (summer @ values) / n
 
     mean = segment_mean(x)
     centred = x - mean[rows_of]
@@ -180,6 +197,17 @@ def check_offsets(offsets: Any, n_rows: int) -> np.ndarray:
     return offsets
 
 
+def _notice_single_atoms(offsets: np.ndarray, order: int) -> None:
+    single = np.flatnonzero(np.diff(offsets) == 1)
+    if order >= 2 and len(single):
+        warnings.warn(
+            f"{len(single)} structure(s) have a single atom (first: structure {int(single[0])}): "
+            "their cumulants of order >= 2 are zero",
+            CumulantNotice,
+            stacklevel=3,
+        )
+
+
 def aligned_row_chunks(offsets: np.ndarray, target_rows: int) -> tuple[int, ...]:
     """Row chunk sizes of at most ``target_rows`` whose edges fall on structure offsets.
 
@@ -212,15 +240,7 @@ def cumulant_descriptor(
     """
     order = check_order(order)
     offsets = check_offsets(offsets, features.shape[0])
-    counts = np.diff(offsets)
-    single = np.flatnonzero(counts == 1)
-    if order >= 2 and len(single):
-        warnings.warn(
-            f"{len(single)} structure(s) have a single atom (first: structure {int(single[0])}): "
-            "their cumulants of order >= 2 are zero",
-            CumulantNotice,
-            stacklevel=2,
-        )
+    _notice_single_atoms(offsets, order)
     x = features if isinstance(features, da.Array) else da.from_array(features, chunks=-1)
     if chunk_rows is None:
         native = isinstance(features, da.Array) and x.shape[0] > 0
@@ -258,41 +278,78 @@ def structures_with_masked_atoms(store: Any, feature_name: str) -> np.ndarray:
     return np.add.reduceat(mask.astype(np.int64), store.offsets[:-1]) > 0
 
 
-def compute_cumulants(store: Any, feature_name: str, order: int, *, name: str | None = None) -> str:
+def structures_per_block(offsets: np.ndarray, target_atoms: int, width: int) -> int:
+    """Structures per task (and per stored chunk) of :func:`compute_cumulants`.
+
+    About ``target_atoms`` atoms per block on average, and at most
+    :data:`_STORE_CHUNK_BYTES` of float64 output rows.
+    """
+    n_structures = len(offsets) - 1
+    mean_atoms = max(float(offsets[-1]) / max(n_structures, 1), 1.0)
+    by_atoms = int(target_atoms // mean_atoms)
+    by_bytes = _STORE_CHUNK_BYTES // (8 * max(width, 1))
+    return max(1, min(by_atoms, by_bytes, n_structures))
+
+
+def _cumulants_to_zarr(source, target, offsets, first, order, masked) -> int:
+    """One task: read the rows of a block of structures, write their descriptor rows."""
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    phi = structure_cumulants(source[lo:hi], offsets - lo, order)
+    phi[masked] = np.nan
+    target[first : first + len(phi)] = phi
+    return len(phi)
+
+
+def compute_cumulants(
+    store: Any,
+    feature_name: str,
+    order: int,
+    *,
+    name: str | None = None,
+    block_atoms: int | None = None,
+) -> str:
     """Compute :math:`\\phi^{(M)}` of feature set ``feature_name`` into ``descriptors/``.
 
     ``store`` is a :class:`dfre.store.Store` opened for writing. The array is
     ``descriptors/<name>`` float64 (n_structures, order * d) (default name from
-    :func:`descriptor_name`), streamed chunk by chunk with the active Dask scheduler.
-    Structures containing atoms masked for that model get NaN rows. Attributes:
-    ``kind="cumulants"``, ``feature``, ``order``, ``dim`` (d), ``layout`` and
-    ``complete`` (written last: a descriptor without ``complete=True`` is unfinished).
+    :func:`descriptor_name`). Each task of the active Dask scheduler reads the atom rows
+    of a block of whole structures (about ``block_atoms`` atoms, default the feature
+    chunk size) straight from Zarr and writes exactly one chunk of the descriptor, so no
+    data moves between workers. Structures containing atoms masked for that model get
+    NaN rows. Attributes: ``kind="cumulants"``, ``feature``, ``order``, ``dim`` (d),
+    ``layout`` and ``complete`` (written last: without ``complete=True`` it is unfinished).
     Returns the descriptor name.
     """
-    import zarr
-
     order = check_order(order)
-    features = store.features(feature_name)
+    source = store.feature_array(feature_name)
+    offsets = check_offsets(store.offsets, store.n_atoms)
+    _notice_single_atoms(offsets, order)
     name = name or descriptor_name(feature_name, order)
-    phi = cumulant_descriptor(features, store.offsets, order, chunk_rows=features.chunks[0][0])
+    dim = int(source.shape[1])
+    width = order * dim
+    n_structures = len(offsets) - 1
+    block = structures_per_block(offsets, block_atoms or source.chunks[0], width)
     masked = structures_with_masked_atoms(store, feature_name)
-    if masked.any():
-        phi = da.where(da.from_array(masked[:, None], chunks=(phi.chunks[0], 1)), np.nan, phi)
-    n_structures, width = phi.shape
-    rows = max(1, min(n_structures, _STORE_CHUNK_BYTES // (8 * max(width, 1))))
-    group: zarr.Group = store.group["descriptors"]
-    target = group.create_array(
-        name, shape=phi.shape, chunks=(rows, max(width, 1)), dtype="float64", overwrite=True
+    target = store.group["descriptors"].create_array(
+        name,
+        shape=(n_structures, width),
+        chunks=(block, max(width, 1)),
+        dtype="float64",
+        overwrite=True,
     )
     target.attrs.update({"kind": "cumulants", "complete": False})
-    stored = da.store(phi.rechunk((rows, -1)), target, lock=False, compute=False)
-    compute(stored, label=f"cumulants of {feature_name} up to order {order}")
+    write = dask.delayed(_cumulants_to_zarr, pure=True)
+    tasks = [
+        write(source, target, offsets[s : s + block + 1], s, order, masked[s : s + block])
+        for s in range(0, n_structures, block)
+    ]
+    compute(*tasks, label=f"cumulants of {feature_name} up to order {order}")
     target.attrs.update(
         {
             "kind": "cumulants",
             "feature": feature_name,
             "order": order,
-            "dim": int(features.shape[1]),
+            "dim": dim,
             "masked_structures": int(masked.sum()),
             "layout": "columns (k-1)*dim:k*dim hold sign(kappa_k)|kappa_k|^(1/k), k=1..order",
             "complete": True,
