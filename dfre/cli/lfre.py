@@ -1,0 +1,100 @@
+"""``dfre lfre``: the LFRE matrix of feature sets of a store, written to its results."""
+
+from __future__ import annotations
+
+import json
+
+from dfre.cluster import add_cluster_arguments, client_from_args
+from dfre.lock import store_lock
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "lfre",
+        help="local feature reconstruction errors of every pair of feature sets",
+        description="LFRE of every source→target pair of the given feature sets (exact kNN "
+        "per source, batched local ridge per neighbourhood, as scikit-matter); written to "
+        "results/<run> with the per-environment errors and printed with source rows and "
+        "target columns.",
+    )
+    p.add_argument("--store", required=True, help="path of the dfre store")
+    p.add_argument(
+        "--features",
+        nargs="+",
+        required=True,
+        metavar="MODEL/LAYER",
+        help="feature sets to compare",
+    )
+    p.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="neighbours per environment (default: min(d_F, d_F') per pair, as the paper)",
+    )
+    p.add_argument(
+        "--selection",
+        default="stratified:1000",
+        help="test selection: stratified:N, random:N, structure:N or kfold:K (full dataset: "
+        "every environment tested once) (default stratified:1000)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the selection")
+    p.add_argument("--run", default="lfre", help="name of the result group (default lfre)")
+    p.add_argument(
+        "--breakdown",
+        choices=("subset", "element"),
+        help="also print the RMSE per subset or per element of every pair",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_cluster_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from dfre.cli.gfre import format_matrix
+    from dfre.data.selection import parse_spec
+    from dfre.errors import DfreError
+    from dfre.metrics.breakdown import breakdown
+    from dfre.metrics.lfre import lfre_store
+    from dfre.store import Store
+
+    store = Store.open(args.store, mode="r+")
+    for name in args.features:  # fail on bad input before any cluster starts
+        store.feature_array(name)
+    parse_spec(args.selection)
+    if args.k is not None and args.k < 2:
+        raise DfreError(f"--k {args.k}: the local 2-fold ridge needs at least 2 neighbours")
+    device = "cuda" if getattr(args, "gpu", None) else None
+    with store_lock(args.store, "dfre lfre"), client_from_args(args):
+        result = lfre_store(
+            store,
+            args.features,
+            args.selection,
+            k=args.k,
+            run=args.run,
+            seed=args.seed,
+            device=device,
+        )
+    table = breakdown(store, args.run, args.breakdown) if args.breakdown else None
+    if args.json:
+        out = {
+            "run": args.run,
+            "names": result.names,
+            "selection": args.selection,
+            "lfre": result.matrix.tolist(),
+            "k": result.k.tolist(),
+            "alpha": result.alpha.tolist(),
+            "n_test": int(len(result.test_rows)),
+        }
+        if table is not None:
+            out["breakdown"] = {"by": args.breakdown, "rows": table.to_dict(orient="records")}
+        print(json.dumps(out))
+        return 0
+    print(
+        f"LFRE (rows: source, columns: target), selection {args.selection}, "
+        f"{len(result.test_rows)} test environments, results/{args.run} of {args.store}"
+    )
+    print(format_matrix(result.names, result.matrix))
+    if table is not None:
+        print(f"\nRMSE per {args.breakdown}:")
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0

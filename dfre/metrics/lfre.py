@@ -1,0 +1,562 @@
+"""Local feature reconstruction error (LFRE) of every pair of feature sets.
+
+LFRE(F → F') (paper Sec. II A, eqs. 4–8; scikit-matter's
+``pointwise_local_reconstruction_error``) reconstructs each test environment :math:`i`
+from a ridge map fitted on its ``k`` nearest train neighbours in the source space. With
+both feature sets scaled by skmatter's ``StandardFlexibleScaler`` fitted on the train
+rows, the neighbourhood :math:`\\mathcal N_i` (first k of the argsort of the float64
+squared distances :math:`|x_j|^2 + |x_i|^2 - 2 x_i \\cdot x_j`) gives means
+:math:`\\bar x, \\bar x'`, a map :math:`P^{(i)}` from ``Ridge2FoldCV`` on the centred
+neighbourhood, and
+
+.. math::
+
+    \\tilde x'_i = \\bar x' + (x_i - \\bar x) P^{(i)}, \\qquad
+    \\mathrm{LFRE} = \\sqrt{\\frac{1}{n_{test}} \\sum_i \\| x'_i - \\tilde x'_i \\|^2 } .
+
+The paper takes :math:`k = \\min(d_F, d_{F'})`.
+
+dfre computes the same numbers with a partitioned exact kNN (:mod:`dfre.linalg.knn`,
+computed once per source and reused for every target) and batched local ridge solves
+(:mod:`dfre.linalg.local_ridge`, source decompositions shared by targets of the same k),
+both as Dask tasks on the active scheduler, numpy or CuPy following the data. With a
+k-fold selection every environment is a query once, its neighbours taken from the other
+folds (full-dataset mode); the scaler is refitted on each fold's train rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from dfre.errors import DfreError
+from dfre.linalg.backend import array_module, to_numpy
+from dfre.linalg.knn import DEFAULT_QUERY_BLOCK, DEFAULT_TILE_ROWS, knn_graph
+from dfre.linalg.local_ridge import DEFAULT_ALPHAS, RANDOM_STATE, local_ridge
+
+#: skmatter's StandardFlexibleScaler(atol=1e-12): smallest total variance accepted.
+ZERO_VARIANCE = 1e-12
+#: Bytes of float64 work arrays one local-ridge batch may use (numpy; CuPy gets 16x).
+RIDGE_BATCH_BYTES = 1 << 27
+
+
+@dataclass
+class LfreResult:
+    """All source→target LFREs of ``names`` (row i = source, column j = target)."""
+
+    names: list[str]
+    matrix: np.ndarray  # (M, M) LFRE
+    k: np.ndarray  # (M, M) neighbours used per pair
+    alpha: np.ndarray  # (M, M) median relative alpha chosen over the neighbourhoods
+    pointwise: np.ndarray  # (M, M, n_test) ||x'_i - x~'_i|| per test environment
+    test_rows: np.ndarray  # (n_test,) rows of the test environments, all folds concatenated
+    selection: Any = None
+    config: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Scaler:
+    """skmatter's StandardFlexibleScaler fitted on train rows: (x - mean) / scale."""
+
+    mean: np.ndarray
+    scale: float
+
+
+# ---------------------------------------------------------------------- inputs
+def _as_dask(x: Any, name: str) -> da.Array:
+    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], str):
+        from dfre.store import Store
+
+        store = x[0] if isinstance(x[0], Store) else Store.open(x[0])
+        x = store.features(x[1])
+    if not isinstance(x, da.Array):
+        x = x if array_module(x) is not np else np.asarray(x)
+        x = da.from_array(x, chunks=(1 << 16, -1), asarray=False)
+    if x.ndim != 2:
+        raise DfreError(f"feature set {name} must be 2-D (rows, features), got shape {x.shape}")
+    return x
+
+
+def _feature_arrays(features, names) -> tuple[list[str], list[da.Array]]:
+    if isinstance(features, Mapping):
+        names = list(features) if names is None else list(names)
+        items = list(features.values())
+    else:
+        items = list(features)
+        names = [f"X{i}" for i in range(len(items))] if names is None else list(names)
+    if len(names) != len(items) or not items:
+        raise DfreError(f"{len(names)} names for {len(items)} feature sets: give one per set")
+    arrays = [_as_dask(x, n) for x, n in zip(items, names, strict=True)]
+    rows = {a.shape[0] for a in arrays}
+    if len(rows) > 1:
+        detail = ", ".join(f"{n}: {a.shape[0]}" for n, a in zip(names, arrays, strict=True))
+        raise DfreError(
+            f"feature sets have different numbers of rows ({detail}): they must describe "
+            "the same environments in the same order"
+        )
+    return names, arrays
+
+
+def _check_rows(rows, what: str, n_rows: int) -> np.ndarray:
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or not (rows.size == 0 or np.issubdtype(rows.dtype, np.integer)):
+        raise DfreError(f"{what} rows must be a 1-D array of integer row indices")
+    if rows.size == 0:
+        raise DfreError(f"the {what} selection is empty: choose at least one {what} row")
+    if rows.min() < 0 or rows.max() >= n_rows:
+        raise DfreError(f"{what} rows must lie in 0..{n_rows - 1} (the feature rows)")
+    return rows.astype(np.int64)
+
+
+def _folds_of(selection: Any, n_rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    if hasattr(selection, "folds"):
+        folds = list(selection.folds)
+    elif isinstance(selection, tuple) and len(selection) == 2:
+        folds = [selection]
+    else:
+        raise DfreError("selection must be a dfre Selection or a (train_rows, test_rows) pair")
+    return [(_check_rows(tr, "train", n_rows), _check_rows(te, "test", n_rows)) for tr, te in folds]
+
+
+def k_matrix(dims: Sequence[int], k: int | None = None) -> np.ndarray:
+    """Neighbours per pair: ``k`` everywhere, or the paper's :math:`\\min(d_F, d_{F'})`."""
+    dims = np.asarray(dims, dtype=np.int64)
+    if k is None:
+        return np.minimum(dims[:, None], dims[None, :])
+    return np.full((len(dims), len(dims)), int(k), dtype=np.int64)
+
+
+def _check_k(kmat: np.ndarray, n_train: int) -> None:
+    kmat = kmat[kmat > 0]
+    if kmat.min() < 2:
+        raise DfreError(
+            f"k = {kmat.min()} neighbours: the local 2-fold ridge needs k >= 2; choose --k 2 "
+            "or more"
+        )
+    if kmat.max() > n_train:
+        raise DfreError(
+            f"k = {kmat.max()} neighbours but only {n_train} train environments: lower k "
+            "or select more train rows"
+        )
+
+
+# ---------------------------------------------------------------------- scaling
+def _fit_scalers(trains, tests, names) -> list[_Scaler]:
+    """Fit the scaler of every feature set on its train rows; refuse NaN/inf and constants."""
+    as64 = [t.astype(np.float64) for t in trains]
+    means = [t.mean(axis=0) for t in as64]
+    finite = [da.isfinite(t).all() for t in trains + tests]
+    means, finite = dask.compute(means, finite)
+    n = len(trains)
+    for i, name in enumerate(names):
+        if not (bool(finite[i]) and bool(finite[n + i])):
+            raise DfreError(
+                f"feature set {name} has NaN or infinite values in the selected rows: mask "
+                "those atoms (featurize records them) or fix the features"
+            )
+    variances = dask.compute(
+        [((t - m) ** 2).mean(axis=0).sum() for t, m in zip(as64, means, strict=True)]
+    )[0]
+    scalers = []
+    for name, mean, var_sum in zip(names, means, variances, strict=True):
+        var_sum = float(to_numpy(var_sum))
+        if not var_sum >= ZERO_VARIANCE:
+            raise DfreError(
+                f"feature set {name} is constant on the train rows (total variance "
+                f"{var_sum:.3g}): it cannot be scaled; drop it or check how it was computed"
+            )
+        scalers.append(_Scaler(mean, float(np.sqrt(var_sum))))
+    return scalers
+
+
+# ---------------------------------------------------------------------- one block of queries
+def _ridge_batch(k: int, dims: Sequence[int], xp) -> int:
+    per_item = 8 * 8 * (k * k + k * sum(dims))
+    budget = RIDGE_BATCH_BYTES * (16 if xp is not np else 1)
+    return max(1, budget // per_item)
+
+
+def _scaled(x, scaler: _Scaler):
+    xp = array_module(x)
+    return (xp.asarray(x, dtype=xp.float64) - xp.asarray(scaler.mean)) / scaler.scale
+
+
+def _ridge_block(x_train, x_query, x_scaler, y_trains, y_queries, y_scalers, neighbours, alphas):
+    """Pointwise errors and chosen alphas of one query block for several targets.
+
+    ``neighbours`` (b, k) are positions into the train arrays; all targets share k.
+    Returns ``(errors (T, b), alphas (T, b), n_exact)``.
+    """
+    xp = array_module(x_train)
+    neighbours = xp.asarray(neighbours)
+    n_query, k = neighbours.shape
+    dims = [x_train.shape[1], *[y.shape[1] for y in y_trains]]
+    batch = _ridge_batch(k, dims, xp)
+    errors = xp.empty((len(y_trains), n_query))
+    chosen = xp.empty((len(y_trains), n_query))
+    n_exact = 0
+    xq_all = _scaled(x_query, x_scaler)
+    yq_all = [_scaled(y, s) for y, s in zip(y_queries, y_scalers, strict=True)]
+    for start in range(0, n_query, batch):
+        stop = min(start + batch, n_query)
+        idx = neighbours[start:stop]
+        xn = _scaled(x_train[idx], x_scaler)
+        yns = [_scaled(y[idx], s) for y, s in zip(y_trains, y_scalers, strict=True)]
+        results = local_ridge(xn, yns, xq_all[start:stop], alphas)
+        for t, res in enumerate(results):
+            errors[t, start:stop] = xp.linalg.norm(yq_all[t][start:stop] - res.prediction, axis=1)
+            chosen[t, start:stop] = res.alpha
+        n_exact += results[0].n_exact
+    return errors, chosen, n_exact
+
+
+def _single_block(arr: da.Array):
+    """A delayed holding the whole of ``arr`` as one array (moved once per worker)."""
+    return arr.rechunk({0: -1, 1: -1}).to_delayed().ravel()[0]
+
+
+# ---------------------------------------------------------------------- one fold
+def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
+    """Pointwise errors (M, M, n_test) and alphas of one fold (train/test rows as given)."""
+    n_sets = len(arrays)
+    trains = [a[train] for a in arrays]
+    tests = [a[test] for a in arrays]
+    scalers = _fit_scalers(trains, tests, names)
+    query_block = opts["query_block"]
+    tests = [t.rechunk((query_block, -1)) for t in tests]
+    train_blocks = [_single_block(t) for t in trains]
+    test_blocks = [t.to_delayed().ravel() for t in tests]
+    pointwise = np.full((n_sets, n_sets, len(test)), np.nan)
+    alpha = np.full((n_sets, n_sets, len(test)), np.nan)
+    bounds = np.concatenate([[0], np.cumsum(tests[0].chunks[0])])
+    for i in range(n_sets):
+        if not kmat[i].any():
+            continue
+        k_max = int(kmat[i].max())
+        started = time.perf_counter()
+        graph = knn_graph(
+            tests[i],
+            trains[i],
+            k_max,
+            query_block=query_block,
+            tile_rows=opts["tile_rows"],
+            shift=scalers[i].mean,
+            scale=scalers[i].scale,
+        )
+        neighbours = [idx for _, idx in dask.compute(*graph)]
+        timings["knn_seconds"] += time.perf_counter() - started
+        timings["knn_queries"] += len(test)
+        started = time.perf_counter()
+        tasks, keys = [], []
+        for k_value in np.unique(kmat[i][kmat[i] > 0]):
+            targets = [int(j) for j in np.flatnonzero(kmat[i] == k_value)]
+            for b, nbr in enumerate(neighbours):
+                tasks.append(
+                    dask.delayed(_ridge_block, pure=True)(
+                        train_blocks[i],
+                        test_blocks[i][b],
+                        scalers[i],
+                        [train_blocks[j] for j in targets],
+                        [test_blocks[j][b] for j in targets],
+                        [scalers[j] for j in targets],
+                        nbr[:, : int(k_value)],
+                        alphas,
+                    )
+                )
+                keys.append((targets, slice(bounds[b], bounds[b + 1])))
+        for (targets, rows), (err, chosen, n_exact) in zip(
+            keys, dask.compute(*tasks), strict=True
+        ):
+            pointwise[i, targets, rows] = to_numpy(err)
+            alpha[i, targets, rows] = to_numpy(chosen)
+            timings["exact_neighbourhoods"] += n_exact
+            timings["ridge_neighbourhoods"] += rows.stop - rows.start
+        timings["ridge_solves"] += len(test) * int((kmat[i] > 0).sum())
+        timings["ridge_seconds"] += time.perf_counter() - started
+    return pointwise, alpha
+
+
+# ---------------------------------------------------------------------- public API
+def lfre_matrix(
+    features: Mapping[str, Any] | Sequence[Any],
+    selection: Any,
+    k: int | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    device: str | None = None,
+    pairs: Sequence[tuple[int, int]] | None = None,
+    query_block: int | None = None,
+    tile_rows: int | None = None,
+) -> LfreResult:
+    """LFRE of every source→target pair of the feature sets ``features``.
+
+    ``features``: a name→array mapping or a list of arrays (numpy, CuPy, dask, or a
+    ``(store, "model/layer")`` pair), all with the same rows. ``selection``: a
+    :class:`~dfre.data.selection.Selection` (one fold, or k folds for the full-dataset
+    mode) or a ``(train_rows, test_rows)`` pair. ``k``: neighbours for every pair
+    (default :math:`\\min(d_F, d_{F'})` per pair). ``pairs``: only these (source, target)
+    index pairs (the others are NaN, k 0). ``device="cuda"`` moves the chunks to CuPy.
+    Computes with the active Dask scheduler.
+    """
+    names, arrays = _feature_arrays(features, names)
+    if device == "cuda":
+        import cupy
+
+        arrays = [a.map_blocks(cupy.asarray, dtype=a.dtype) for a in arrays]
+    elif device not in (None, "cpu"):
+        raise DfreError(f"device {device!r} is not known: use cpu or cuda")
+    gpu = device == "cuda" or array_module(arrays[0]) is not np
+    opts = {
+        "query_block": query_block or (4 * DEFAULT_QUERY_BLOCK if gpu else DEFAULT_QUERY_BLOCK),
+        "tile_rows": tile_rows or (8 * DEFAULT_TILE_ROWS if gpu else DEFAULT_TILE_ROWS),
+    }
+    n_rows = arrays[0].shape[0]
+    folds = _folds_of(selection, n_rows)
+    kmat = k_matrix([a.shape[1] for a in arrays], k)
+    if pairs is not None:
+        wanted = np.zeros_like(kmat, dtype=bool)
+        for i, j in pairs:
+            wanted[i, j] = True
+        kmat = np.where(wanted, kmat, 0)
+    alphas = np.asarray(alphas, dtype=np.float64)
+    timings = dict.fromkeys(
+        ["knn_seconds", "ridge_seconds", "knn_queries", "ridge_solves"], 0.0
+    ) | {"ridge_neighbourhoods": 0, "exact_neighbourhoods": 0}
+    parts, alpha_parts = [], []
+    for train, test in folds:
+        _check_k(kmat, len(train))
+        pw, al = _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings)
+        parts.append(pw)
+        alpha_parts.append(al)
+    pointwise = np.concatenate(parts, axis=2)
+    alpha_all = np.concatenate(alpha_parts, axis=2)
+    with np.errstate(invalid="ignore"):
+        matrix = np.sqrt(np.mean(pointwise**2, axis=2))
+    config = {
+        "k": k,
+        "k_rule": "fixed" if k is not None else "min(d_F, d_F')",
+        "alphas": [float(a) for a in alphas],
+        "alpha_type": "relative",
+        "regularization_method": "cutoff",
+        "scoring": "neg_root_mean_squared_error",
+        "random_state": RANDOM_STATE,
+        "scaler": "StandardFlexibleScaler (fitted on the train rows of each fold)",
+        "n_folds": len(folds),
+        "query_block": opts["query_block"],
+        "tile_rows": opts["tile_rows"],
+        "device": "cuda" if gpu else "cpu",
+    }
+    return LfreResult(
+        names=list(names),
+        matrix=matrix,
+        k=kmat,
+        alpha=np.median(alpha_all, axis=2),
+        pointwise=pointwise,
+        test_rows=np.concatenate([te for _, te in folds]).astype(np.int64),
+        selection=selection,
+        config=config,
+        timings=timings,
+    )
+
+
+def lfre_store(
+    store: Any,
+    names: Sequence[str],
+    selection_spec: Any = "stratified:1000",
+    *,
+    k: int | None = None,
+    run: str = "lfre",
+    seed: int = 0,
+    **options: Any,
+) -> LfreResult:
+    """LFRE matrix of the feature sets ``names`` of ``store``, written to ``results/<run>``.
+
+    ``selection_spec`` (``stratified:N``, ``random:N``, ``structure:N``, ``kfold:K``) is
+    built over the rows valid in every feature set (or pass a ready Selection). The store
+    is written only after everything was computed. ``options`` go to :func:`lfre_matrix`.
+    """
+    from dfre.data.selection import selection_for_store
+    from dfre.store import Store
+
+    st = store if isinstance(store, Store) else Store.open(store, mode="r+")
+    names = list(names)
+    if not names:
+        raise DfreError("give at least one feature set")
+    if len(set(names)) != len(names):
+        raise DfreError(f"feature sets are repeated in {names}: give each once")
+    arrays = [st.features(name) for name in names]  # unknown names raise here
+    selection = selection_spec
+    if isinstance(selection_spec, str):
+        selection = selection_for_store(selection_spec, st, seed=seed, valid=st.valid_rows(names))
+    result = lfre_matrix(arrays, selection, k, names=names, **options)
+    result.config["seed"] = seed
+    write_result(st, run, result)
+    return result
+
+
+def write_result(store: Any, run: str, result: LfreResult) -> None:
+    """Write ``result`` into ``results/<run>`` of ``store`` (the results contract)."""
+    from dfre import __version__
+
+    if not store.writable:
+        from dfre.store import Store
+
+        store = Store.open(store.path, mode="r+")
+    selection = result.selection
+    attrs = {
+        "kind": "lfre",
+        "names": list(result.names),
+        "selection": getattr(selection, "spec", "explicit"),
+        "config": result.config,
+        "dfre_version": __version__,
+    }
+    group = store.create_result(run, attrs)
+    arrays = {
+        "matrix": result.matrix.astype(np.float64),
+        "alpha": result.alpha.astype(np.float64),
+        "k": result.k.astype(np.int64),
+        "test_rows": result.test_rows.astype(np.int64),
+        "pointwise": result.pointwise.astype(np.float64),
+    }
+    for key, values in arrays.items():
+        arr = group.create_array(key, shape=values.shape, dtype=values.dtype, chunks=values.shape)
+        arr[...] = values
+    if hasattr(selection, "save"):
+        selection.save(group.create_group("selection"))
+
+
+# ---------------------------------------------------------------------- skmatter-compatible
+def _default_split(n_rows: int, train_idx, test_idx) -> tuple[np.ndarray, np.ndarray]:
+    """skmatter's rows: its shuffled 50/50 split when neither is given (order kept)."""
+    if train_idx is None and test_idx is None:
+        from skmatter.model_selection import train_test_split
+
+        return train_test_split(
+            np.arange(n_rows),
+            test_size=0.5,
+            train_size=0.5,
+            random_state=RANDOM_STATE,
+            shuffle=True,
+            train_test_overlap=False,
+        )
+    if train_idx is None:
+        return np.setdiff1d(np.arange(n_rows), test_idx), np.asarray(test_idx)
+    if test_idx is None:
+        return np.asarray(train_idx), np.setdiff1d(np.arange(n_rows), train_idx)
+    return np.asarray(train_idx), np.asarray(test_idx)
+
+
+def _is_default_scaler(scaler: Any) -> bool:
+    from skmatter.preprocessing import StandardFlexibleScaler
+
+    return scaler is None or (
+        type(scaler) is StandardFlexibleScaler
+        and scaler.with_mean
+        and scaler.with_std
+        and not scaler.column_wise
+        and scaler.rtol == 0
+        and scaler.atol == ZERO_VARIANCE
+    )
+
+
+def _default_estimator_alphas(estimator: Any) -> np.ndarray | None:
+    """The alphas of ``estimator`` if it is skmatter's default Ridge2FoldCV but for them."""
+    from skmatter.linear_model import Ridge2FoldCV
+
+    if estimator is None:
+        return DEFAULT_ALPHAS
+    if (
+        type(estimator) is Ridge2FoldCV
+        and estimator.alpha_type == "relative"
+        and estimator.regularization_method == "cutoff"
+        and estimator.cv is None
+        and estimator.shuffle
+        and estimator.random_state == RANDOM_STATE
+        and estimator.scoring == "neg_root_mean_squared_error"
+    ):
+        return np.atleast_1d(np.asarray(estimator.alphas, dtype=np.float64))
+    return None
+
+
+def pointwise_local_reconstruction_error(
+    X,
+    Y,
+    n_local_points,
+    test_idx=None,
+    train_idx=None,
+    scaler=None,
+    estimator=None,
+    n_jobs=None,
+):
+    """skmatter's ``pointwise_local_reconstruction_error``, computed by dfre.
+
+    :math:`\\|x'_i - \\tilde x'_i\\|` for every test row (in ``test_idx`` order), with
+    :math:`\\tilde x'_i = \\bar x' + (x_i - \\bar x) P^{(i)}` fitted on the
+    ``n_local_points`` nearest train rows (see the module docstring). ``X`` and ``Y`` are
+    numpy, CuPy or dask arrays, or ``(store, "model/layer")`` pairs. Defaults are
+    skmatter's; a non-default ``scaler`` or ``estimator`` is handed to skmatter itself.
+    ``n_jobs`` is accepted for compatibility: the active Dask scheduler sets parallelism.
+    """
+    _, (x, y) = _feature_arrays([X, Y], ["X", "Y"])
+    n_rows = x.shape[0]
+    if n_rows < n_local_points:
+        raise DfreError(
+            f"X has {n_rows} samples but n_local_points={n_local_points}: must have at "
+            "least n_local_points samples"
+        )
+    alphas = _default_estimator_alphas(estimator)
+    if alphas is None or not _is_default_scaler(scaler):
+        from skmatter.metrics import pointwise_local_reconstruction_error as reference
+
+        return reference(
+            to_numpy(x.compute()),
+            to_numpy(y.compute()),
+            n_local_points,
+            test_idx=test_idx,
+            train_idx=train_idx,
+            scaler=scaler,
+            estimator=estimator,
+            n_jobs=n_jobs,
+        )
+    train, test = _default_split(n_rows, train_idx, test_idx)
+    train = _check_rows(train, "train", n_rows)
+    test = _check_rows(test, "test", n_rows)
+    result = lfre_matrix(
+        [x, y], (train, test), int(n_local_points), alphas=alphas, pairs=[(0, 1)]
+    )
+    return result.pointwise[0, 1]
+
+
+def local_reconstruction_error(
+    X,
+    Y,
+    n_local_points,
+    test_idx=None,
+    train_idx=None,
+    scaler=None,
+    estimator=None,
+    n_jobs=None,
+):
+    """skmatter's ``local_reconstruction_error``: :math:`\\|LRE^{(i)}\\| / \\sqrt{n_{test}}`.
+
+    Same arguments as :func:`pointwise_local_reconstruction_error`.
+    """
+    values = pointwise_local_reconstruction_error(
+        X,
+        Y,
+        n_local_points,
+        test_idx=test_idx,
+        train_idx=train_idx,
+        scaler=scaler,
+        estimator=estimator,
+        n_jobs=n_jobs,
+    )
+    return float(np.linalg.norm(values) / np.sqrt(len(values)))
