@@ -18,7 +18,7 @@ from dfre.errors import DfreError
 #: Modules of ``dfre.cli`` that each define one or more sub-commands, in help order.
 COMMAND_MODULES: list[str] = [
     "ingest", "sample", "info",
-    "cumulants", "pcovr", "report", "chemiscope", "cluster", "gfre"]
+    "cumulants", "pcovr", "report", "chemiscope", "cluster", "gfre", "lfre"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,13 @@ from dfre.metrics.gfre import (
     pointwise_global_reconstruction_distortion,
     pointwise_global_reconstruction_error,
 )
+from dfre.metrics.lfre import (
+    LfreResult,
+    lfre_matrix,
+    lfre_store,
+    local_reconstruction_error,
+    pointwise_local_reconstruction_error,
+)
 
 __all__ = [
     "GfreResult",
@@ -18,4 +25,9 @@ __all__ = [
     "global_reconstruction_error",
     "pointwise_global_reconstruction_distortion",
     "pointwise_global_reconstruction_error",
+    "LfreResult",
+    "lfre_matrix",
+    "lfre_store",
+    "local_reconstruction_error",
+    "pointwise_local_reconstruction_error",
 ]
