@@ -292,3 +292,47 @@ def test_library_bad_input():
         cumulant_descriptor(x, [0, 2, 2, 4], 2)
     with pytest.raises(DfreError, match="offsets must run from 0 to the 4 feature rows"):
         cumulant_descriptor(x, [0, 3], 2)
+
+
+def test_cumulant_order_study_matches_skmatter(tmp_path):
+    from skmatter.metrics import global_reconstruction_error
+
+    from dfre.descriptors.cumulants import cumulant_order_study
+
+    rng = np.random.default_rng(9)
+    counts = rng.integers(3, 20, size=80)
+    store, features = make_store(tmp_path / "s.zarr", counts, dim=2)
+    name = compute_cumulants(store, "toy/ll", 3)
+    result = cumulant_order_study(store, name, selection="random:30", seed=1)
+    assert result.names == ["phi(1)", "phi(2)", "phi(3)"]
+    phi = store.descriptor(name)
+    train, test = result.selection.train, result.selection.test
+    assert len(test) == 30 and len(train) == 50
+    for i in range(3):
+        for j in range(3):
+            x, y = phi[:, : 2 * (i + 1)], phi[:, : 2 * (j + 1)]
+            expected = global_reconstruction_error(x, y, train_idx=train, test_idx=test)
+            np.testing.assert_allclose(result.matrix[i, j], expected, rtol=1e-6, atol=1e-9)
+    assert result.matrix[2, 0] < 1e-3 < 0.1 < result.matrix[0, 2]  # higher orders contain lower
+    stored = Store.open(tmp_path / "s.zarr").result(f"gfre-orders-{name}")
+    assert stored.attrs["config"]["study"] == "cumulant-orders"
+    np.testing.assert_allclose(stored["matrix"][...], result.matrix)
+
+
+def test_cumulant_order_study_lfre_matches_skmatter(tmp_path):
+    pytest.importorskip("dfre.metrics.lfre")
+    from skmatter.metrics import local_reconstruction_error
+
+    from dfre.descriptors.cumulants import cumulant_order_study
+
+    rng = np.random.default_rng(10)
+    store, _ = make_store(tmp_path / "s.zarr", rng.integers(3, 20, size=70), dim=2)
+    name = compute_cumulants(store, "toy/ll", 2)
+    result = cumulant_order_study(store, name, metric="lfre", selection="random:20", k=12)
+    phi = store.descriptor(name)
+    train, test = result.selection.train, result.selection.test
+    for i, j in [(0, 1), (1, 0)]:
+        x, y = phi[:, : 2 * (i + 1)], phi[:, : 2 * (j + 1)]
+        expected = local_reconstruction_error(x, y, 12, train_idx=train, test_idx=test)
+        np.testing.assert_allclose(result.matrix[i, j], expected, rtol=1e-6, atol=1e-9)
+    assert Store.open(tmp_path / "s.zarr").result(f"lfre-orders-{name}").attrs["kind"] == "lfre"

@@ -380,3 +380,57 @@ def cumulative_feature_sets(phi: Any, dim: int, orders: Sequence[int] | None = N
         if not 1 <= m <= max_order:
             raise DfreError(f"order {m} is not in the descriptor (orders 1..{max_order})")
     return {f"phi({m})": phi[:, : m * dim] for m in orders}
+
+
+def cumulant_order_study(
+    store: Any,
+    descriptor: str,
+    *,
+    metric: str = "gfre",
+    selection: Any = "kfold:2",
+    seed: int = 0,
+    orders: Sequence[int] | None = None,
+    k: int | None = None,
+    run: str | None = None,
+) -> Any:
+    """FRE between cumulant orders (Fig. 8): :math:`\\phi^{(m)}` vs :math:`\\phi^{(m')}`.
+
+    The feature sets are the prefixes :func:`cumulative_feature_sets` of the stored
+    descriptor ``descriptor`` (made by :func:`compute_cumulants`), over the structures
+    with a finite descriptor. ``selection`` is a spec over structures (strata: subsets)
+    or a ready selection; ``metric`` ``"gfre"`` (:func:`dfre.metrics.gfre_matrix`, with
+    pointwise errors) or ``"lfre"`` (:func:`dfre.metrics.lfre.lfre_matrix`, ``k``
+    neighbours, default per pair the smaller dimension). Writes ``results/<run>``
+    (default ``<metric>-orders-<descriptor>``) with ``config["study"] =
+    "cumulant-orders"`` and ``config["level"] = "structure"``; returns the result.
+    """
+    from dfre.data.selection import make_selection
+
+    if metric not in ("gfre", "lfre"):
+        raise DfreError(f"metric must be 'gfre' or 'lfre' (got {metric!r})")
+    phi = store.descriptor(descriptor)
+    attrs = dict(store.group["descriptors"][descriptor].attrs)
+    if attrs.get("kind") != "cumulants" or not attrs.get("complete"):
+        raise DfreError(
+            f"descriptor {descriptor} is not a complete cumulant descriptor: "
+            "make it with `dfre cumulants`"
+        )
+    sets = cumulative_feature_sets(phi, int(attrs["dim"]), orders)
+    if isinstance(selection, str):
+        codes = np.unique(np.asarray(store.subsets()).astype(str), return_inverse=True)[1]
+        selection = make_selection(
+            selection, len(phi), labels=codes, seed=seed, valid=np.isfinite(phi).all(axis=1)
+        )
+    if metric == "gfre":
+        from dfre.metrics.gfre import gfre_matrix, write_result
+
+        result = gfre_matrix(sets, selection, pointwise=True)
+    else:
+        from dfre.metrics.lfre import lfre_matrix, write_result
+
+        result = lfre_matrix(sets, selection, k)
+    result.config.update(
+        {"study": "cumulant-orders", "level": "structure", "descriptor": descriptor, "seed": seed}
+    )
+    write_result(store, run or f"{metric}-orders-{descriptor}", result)
+    return result
