@@ -336,3 +336,55 @@ def test_cumulant_order_study_lfre_matches_skmatter(tmp_path):
         expected = local_reconstruction_error(x, y, 12, train_idx=train, test_idx=test)
         np.testing.assert_allclose(result.matrix[i, j], expected, rtol=1e-6, atol=1e-9)
     assert Store.open(tmp_path / "s.zarr").result(f"lfre-orders-{name}").attrs["kind"] == "lfre"
+
+
+def test_cross_model_cumulants_skip_masked_structures(tmp_path):
+    from skmatter.metrics import global_reconstruction_error
+
+    from dfre.descriptors.cumulants import cross_model_cumulants
+
+    rng = np.random.default_rng(11)
+    counts = rng.integers(3, 12, size=60)
+    store, features = make_store(tmp_path / "s.zarr", counts, dim=2)
+    other = np.tanh(features @ rng.normal(size=(2, 3))).astype(np.float32)
+    store.create_feature("other/ll", 3)[:] = other
+    mask = np.zeros(store.n_atoms, bool)
+    mask[store.offsets[3]] = True  # structure 3 has an atom "other" could not handle
+    group = store.group["features"]["other"]
+    group.create_array("_mask", shape=mask.shape, dtype="bool", chunks=mask.shape)[:] = mask
+    names = [compute_cumulants(store, f, 2) for f in ("toy/ll", "other/ll")]
+    result = cross_model_cumulants(store, names, selection="random:20")
+    assert result.names == ["toy/ll M2", "other/ll M2"]
+    train, test = result.selection.train, result.selection.test
+    assert 3 not in train and 3 not in test and len(train) + len(test) == 59
+    x, y = (store.descriptor(n) for n in names)
+    expected = global_reconstruction_error(x, y, train_idx=train, test_idx=test)
+    np.testing.assert_allclose(result.matrix[0, 1], expected, rtol=1e-6)
+    config = store.result("gfre-cumulants").attrs["config"]
+    assert config["study"] == "cross-model-cumulants" and config["level"] == "structure"
+
+
+def test_cli_cumulants_with_studies(tmp_path, capsys):
+    rng = np.random.default_rng(12)
+    store, features = make_store(tmp_path / "s.zarr", rng.integers(2, 9, size=40), dim=2)
+    store.create_feature("other/ll", 2)[:] = np.sin(features)
+    argv = ["cumulants", "--store", str(tmp_path / "s.zarr"), "--order", "2", *LOCAL]
+    assert main([*argv, "--study", "gfre", "--selection", "random:10"]) == 0
+    out = capsys.readouterr().out
+    assert "results/gfre-orders-cumulants-toy-ll-M2: GFRE between orders" in out
+    assert "results/gfre-cumulants: GFRE between the descriptors" in out
+    reopened = Store.open(tmp_path / "s.zarr")
+    assert reopened.result_names() == [
+        "gfre-cumulants",
+        "gfre-orders-cumulants-other-ll-M2",
+        "gfre-orders-cumulants-toy-ll-M2",
+    ]
+    assert reopened.result("gfre-cumulants")["matrix"].shape == (2, 2)
+
+
+def test_cli_cumulants_bad_study_selection(tmp_path, capsys):
+    make_store(tmp_path / "s.zarr", [3, 2])
+    argv = ["cumulants", "--store", str(tmp_path / "s.zarr"), "--study", "gfre", *LOCAL]
+    assert main([*argv, "--selection", "bogus:3"]) == 2
+    assert capsys.readouterr().err.startswith("dfre: error: ")
+    assert Store.open(tmp_path / "s.zarr").descriptor_names() == []

@@ -7,7 +7,13 @@ import sys
 import warnings
 
 from dfre.cluster import add_cluster_arguments, client_from_args
-from dfre.descriptors.cumulants import CumulantNotice, check_order, compute_cumulants
+from dfre.descriptors.cumulants import (
+    CumulantNotice,
+    check_order,
+    compute_cumulants,
+    cross_model_cumulants,
+    cumulant_order_study,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -27,6 +33,20 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--order", type=int, default=8, help="highest cumulant order M (default 8)")
     p.add_argument("--name", help="descriptor name (only with a single --features)")
+    p.add_argument(
+        "--study",
+        action="append",
+        choices=("gfre", "lfre"),
+        help="also compute the FRE between cumulant orders of each descriptor (Fig. 8) and, "
+        "with several feature sets, between their descriptors (Fig. S10); repeatable",
+    )
+    p.add_argument(
+        "--selection",
+        default="kfold:2",
+        help="test structures of --study: random:N, stratified:N, kfold:K (default kfold:2)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the --study selection")
+    p.add_argument("--k", type=int, help="LFRE neighbours (default: smaller dimension per pair)")
     add_cluster_arguments(p)
     p.set_defaults(handler=run)
 
@@ -45,7 +65,12 @@ def run(args: argparse.Namespace) -> int:
         raise DfreError("--name needs exactly one --features")
     for name in names:
         store.feature_array(name)  # unknown names fail before anything is written
+    if args.study:
+        from dfre.data.selection import parse_spec
+
+        parse_spec(args.selection)  # a bad spec fails before anything is written
     with store_lock(args.store, f"dfre cumulants --order {order}"), client_from_args(args):
+        descriptors = []
         for name in names:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", CumulantNotice)
@@ -58,4 +83,18 @@ def run(args: argparse.Namespace) -> int:
                         warning.message, warning.category, warning.filename, warning.lineno
                     )
             print(f"{name} -> descriptors/{written}")
+            descriptors.append(written)
+        for metric in args.study or []:
+            options = {
+                "metric": metric,
+                "selection": args.selection,
+                "seed": args.seed,
+                "k": args.k,
+            }
+            for descriptor in descriptors:
+                cumulant_order_study(store, descriptor, **options)
+                print(f"results/{metric}-orders-{descriptor}: {metric.upper()} between orders")
+            if len(descriptors) > 1:
+                cross_model_cumulants(store, descriptors, **options)
+                print(f"results/{metric}-cumulants: {metric.upper()} between the descriptors")
     return 0

@@ -3,6 +3,7 @@
 from dfre.descriptors.cumulants import (
     CumulantNotice,
     compute_cumulants,
+    cross_model_cumulants,
     cumulant_block,
     cumulant_descriptor,
     cumulant_order_study,
@@ -11,6 +12,7 @@ from dfre.descriptors.cumulants import (
     cumulative_feature_sets,
     descriptor_name,
     structure_cumulants,
+    structure_fre,
 )
 
 __all__ = [
@@ -21,7 +23,9 @@ __all__ = [
     "cumulant_order_study",
     "cumulants_from_central_moments",
     "cumulants_from_moments",
+    "cross_model_cumulants",
     "cumulative_feature_sets",
     "descriptor_name",
     "structure_cumulants",
+    "structure_fre",
 ]

@@ -382,6 +382,66 @@ def cumulative_feature_sets(phi: Any, dim: int, orders: Sequence[int] | None = N
     return {f"phi({m})": phi[:, : m * dim] for m in orders}
 
 
+def structure_fre(
+    store: Any,
+    feature_sets: Mapping[str, Any],
+    *,
+    metric: str = "gfre",
+    selection: Any = "kfold:2",
+    seed: int = 0,
+    k: int | None = None,
+    run: str,
+    config: dict | None = None,
+) -> Any:
+    """GFRE or LFRE between structure-level feature sets (rows = structures of ``store``).
+
+    Rows where any feature set is not finite (structures with masked atoms) are never
+    selected. ``selection`` is a spec over structures (strata: subsets) or a ready
+    selection; ``metric`` ``"gfre"`` (:func:`dfre.metrics.gfre_matrix`, with pointwise
+    errors) or ``"lfre"`` (:func:`dfre.metrics.lfre.lfre_matrix` with ``k`` neighbours,
+    default per pair the smaller dimension). Writes ``results/<run>`` with
+    ``config["level"] = "structure"`` plus ``config``; returns the result.
+    """
+    from dfre.data.selection import make_selection
+
+    if metric not in ("gfre", "lfre"):
+        raise DfreError(f"metric must be 'gfre' or 'lfre' (got {metric!r})")
+    n_structures = store.n_structures
+    valid = np.ones(n_structures, dtype=bool)
+    for name, values in feature_sets.items():
+        if values.shape[0] != n_structures:
+            raise DfreError(
+                f"feature set {name} has {values.shape[0]} rows, the store has "
+                f"{n_structures} structures"
+            )
+        valid &= np.isfinite(np.asarray(values)).all(axis=1)
+    if isinstance(selection, str):
+        codes = np.unique(np.asarray(store.subsets()).astype(str), return_inverse=True)[1]
+        selection = make_selection(selection, n_structures, labels=codes, seed=seed, valid=valid)
+    if metric == "gfre":
+        from dfre.metrics.gfre import gfre_matrix, write_result
+
+        result = gfre_matrix(dict(feature_sets), selection, pointwise=True)
+    else:
+        from dfre.metrics.lfre import lfre_matrix, write_result
+
+        result = lfre_matrix(dict(feature_sets), selection, k)
+    result.config.update({"level": "structure", "seed": seed, **(config or {})})
+    write_result(store, run, result)
+    return result
+
+
+def _complete_cumulants(store: Any, descriptor: str) -> tuple[np.ndarray, dict]:
+    values = store.descriptor(descriptor)
+    attrs = dict(store.group["descriptors"][descriptor].attrs)
+    if attrs.get("kind") != "cumulants" or not attrs.get("complete"):
+        raise DfreError(
+            f"descriptor {descriptor} is not a complete cumulant descriptor: "
+            "make it with `dfre cumulants`"
+        )
+    return values, attrs
+
+
 def cumulant_order_study(
     store: Any,
     descriptor: str,
@@ -396,41 +456,52 @@ def cumulant_order_study(
     """FRE between cumulant orders (Fig. 8): :math:`\\phi^{(m)}` vs :math:`\\phi^{(m')}`.
 
     The feature sets are the prefixes :func:`cumulative_feature_sets` of the stored
-    descriptor ``descriptor`` (made by :func:`compute_cumulants`), over the structures
-    with a finite descriptor. ``selection`` is a spec over structures (strata: subsets)
-    or a ready selection; ``metric`` ``"gfre"`` (:func:`dfre.metrics.gfre_matrix`, with
-    pointwise errors) or ``"lfre"`` (:func:`dfre.metrics.lfre.lfre_matrix`, ``k``
-    neighbours, default per pair the smaller dimension). Writes ``results/<run>``
-    (default ``<metric>-orders-<descriptor>``) with ``config["study"] =
-    "cumulant-orders"`` and ``config["level"] = "structure"``; returns the result.
+    cumulant descriptor ``descriptor``; see :func:`structure_fre` for the other
+    arguments. Writes ``results/<run>`` (default ``<metric>-orders-<descriptor>``) with
+    ``config["study"] = "cumulant-orders"``; returns the result.
     """
-    from dfre.data.selection import make_selection
-
-    if metric not in ("gfre", "lfre"):
-        raise DfreError(f"metric must be 'gfre' or 'lfre' (got {metric!r})")
-    phi = store.descriptor(descriptor)
-    attrs = dict(store.group["descriptors"][descriptor].attrs)
-    if attrs.get("kind") != "cumulants" or not attrs.get("complete"):
-        raise DfreError(
-            f"descriptor {descriptor} is not a complete cumulant descriptor: "
-            "make it with `dfre cumulants`"
-        )
-    sets = cumulative_feature_sets(phi, int(attrs["dim"]), orders)
-    if isinstance(selection, str):
-        codes = np.unique(np.asarray(store.subsets()).astype(str), return_inverse=True)[1]
-        selection = make_selection(
-            selection, len(phi), labels=codes, seed=seed, valid=np.isfinite(phi).all(axis=1)
-        )
-    if metric == "gfre":
-        from dfre.metrics.gfre import gfre_matrix, write_result
-
-        result = gfre_matrix(sets, selection, pointwise=True)
-    else:
-        from dfre.metrics.lfre import lfre_matrix, write_result
-
-        result = lfre_matrix(sets, selection, k)
-    result.config.update(
-        {"study": "cumulant-orders", "level": "structure", "descriptor": descriptor, "seed": seed}
+    phi, attrs = _complete_cumulants(store, descriptor)
+    return structure_fre(
+        store,
+        cumulative_feature_sets(phi, int(attrs["dim"]), orders),
+        metric=metric,
+        selection=selection,
+        seed=seed,
+        k=k,
+        run=run or f"{metric}-orders-{descriptor}",
+        config={"study": "cumulant-orders", "descriptor": descriptor},
     )
-    write_result(store, run or f"{metric}-orders-{descriptor}", result)
-    return result
+
+
+def cross_model_cumulants(
+    store: Any,
+    descriptors: Sequence[str],
+    *,
+    metric: str = "gfre",
+    selection: Any = "kfold:2",
+    seed: int = 0,
+    k: int | None = None,
+    run: str | None = None,
+) -> Any:
+    """FRE between the cumulant descriptors of several models (Fig. S10).
+
+    Each stored descriptor (e.g. :math:`\\phi^{(8)}` of every model) is one feature set,
+    named after the feature set it was computed from. Writes ``results/<run>`` (default
+    ``<metric>-cumulants``) with ``config["study"] = "cross-model-cumulants"``.
+    """
+    sets = {}
+    for descriptor in descriptors:
+        values, attrs = _complete_cumulants(store, descriptor)
+        sets[f"{attrs['feature']} M{attrs['order']}"] = values
+    if len(sets) != len(descriptors):
+        raise DfreError(f"descriptors are repeated in {list(descriptors)}: give each once")
+    return structure_fre(
+        store,
+        sets,
+        metric=metric,
+        selection=selection,
+        seed=seed,
+        k=k,
+        run=run or f"{metric}-cumulants",
+        config={"study": "cross-model-cumulants", "descriptors": list(descriptors)},
+    )
