@@ -210,3 +210,12 @@ def test_chemiscope_bad_input(report_store, tmp_path, capsys):
     assert "results/gfre is not a PCovR map" in capsys.readouterr().err
     assert main([*argv, "--out", str(tmp_path / "nope" / "x.json")]) == 2
     assert "folder" in capsys.readouterr().err and not (tmp_path / "nope").exists()
+
+
+def test_unfinished_results_are_listed_not_drawn(report_store, tmp_path, capsys):
+    store, _, _ = report_store
+    store.create_result("partial")  # e.g. a write interrupted before its attributes
+    argv = ["report", "--store", store.path, "--out", str(tmp_path / "r"), "--run", "partial"]
+    assert main(argv) == 0
+    assert "results/partial has no known kind" in capsys.readouterr().err
+    assert "results without a known kind" in (tmp_path / "r" / "index.html").read_text()

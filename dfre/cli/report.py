@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_parser(subparsers) -> None:
@@ -28,5 +29,7 @@ def run(args: argparse.Namespace) -> int:
     report = make_report(Store.open(args.store), args.out, args.run)
     print(f"{report.html}: {len(report.figures) // 2} figures (PNG and SVG) in {args.out}")
     for skipped in report.skipped:
-        print(f"dfre: notice: results/{skipped} has no known kind and is not shown")
+        print(
+            f"dfre: notice: results/{skipped} has no known kind and is not shown", file=sys.stderr
+        )
     return 0

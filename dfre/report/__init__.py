@@ -5,8 +5,8 @@
 - ``kind`` ``gfre`` / ``lfre``: the matrix as a heat map (row = source, column = target,
   values in cells); for GFRE also the CKA matrix; with ``pointwise`` and ``test_rows``,
   the errors per subset and (for atom-level results) per element of the test rows.
-  Results of the FRE-between-orders study (``config["study"] == "cumulant-orders"``)
-  are titled as such;
+  Results of the studies of :mod:`dfre.descriptors.cumulants` (``config["study"]``
+  ``cumulant-orders``, ``cross-model-cumulants``) are titled as such;
 - ``kind`` ``pcovr``: the map coloured by subset and by target (the fitting store in
   grey when the map was fitted on another store);
 - results whose ``config["checkpoints"]`` is ``{"epochs": [...], "reference": NAME}``
@@ -28,6 +28,12 @@ import numpy as np
 from dfre.errors import DfreError
 
 FRE_KINDS = ("gfre", "lfre")
+#: Section title prefixes of known studies (``config["study"]`` of a result).
+STUDY_TITLES = {
+    "cumulant-orders": "FRE between cumulant orders: ",
+    "cross-model-cumulants": "FRE between cumulant descriptors of models: ",
+    "checkpoints": "FRE along training checkpoints: ",
+}
 
 
 @dataclass
@@ -70,9 +76,7 @@ def make_report(store: Any, out_dir: str | os.PathLike, runs: list[str] | None =
         if kind in FRE_KINDS:
             names = list(attrs["names"])
             label = kind.upper()
-            study = (
-                "FRE between cumulant orders: " if config.get("study") == "cumulant-orders" else ""
-            )
+            study = STUDY_TITLES.get(config.get("study"), "")
             section = Section(f"{study}{label} — {run}", config=attrs)
             matrix = np.asarray(group["matrix"][...])
             add(
