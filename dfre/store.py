@@ -160,7 +160,7 @@ class Store:
         s.create_group("info")
         for name in ("features", "descriptors", "results"):
             group.create_group(name)
-        group.attrs.update(
+        group.update_attributes(
             {
                 "dfre_schema_version": SCHEMA_VERSION,
                 "created": _now(),
@@ -335,6 +335,13 @@ class Store:
         """
         self._require_writable()
         _validate_block(block)
+        derived = self.feature_names() + self.descriptor_names()
+        if derived:
+            raise DfreError(
+                f"store {self.path} already has features or descriptors ({', '.join(derived)}) "
+                "of its structures: appending structures would leave them misaligned; "
+                "add the structures to a new store"
+            )
         columns = self._info_columns(block)  # may refuse the block: before any write
         s = self.structures
         n_s, n_a = self.n_structures, self.n_atoms
@@ -356,7 +363,16 @@ class Store:
         if provenance is not None:
             records = [r for r in self.provenance if r.get("source") != provenance.get("source")]
             attrs["provenance"] = [*records, provenance]
-        self.group.attrs.update(attrs)  # commit point
+        self.commit(attrs)
+
+    def commit(self, attrs: dict) -> None:
+        """Update the store's attributes in one metadata write: the commit point.
+
+        (``group.attrs.update`` would write once per key, so a crash in between could
+        leave counts and provenance disagreeing.)
+        """
+        self._require_writable()
+        self.group.update_attributes(attrs)
         self._offsets = None
 
     def _info_columns(self, block: StructureBlock) -> dict[str, np.ndarray]:
@@ -476,7 +492,7 @@ class Store:
         arr = group.create_array(
             layer, shape=(self.n_atoms, dim), chunks=(chunk, dim), dtype=dtype, fill_value=np.nan
         )
-        arr.attrs.update({"created": _now(), **(attrs or {})})
+        arr.update_attributes({"created": _now(), **(attrs or {})})
         return arr
 
     # ------------------------------------------------------------------ descriptors, results
@@ -497,7 +513,7 @@ class Store:
             name, shape=values.shape, dtype=values.dtype, chunks=values.shape, overwrite=True
         )
         arr[...] = values
-        arr.attrs.update({"created": _now(), **(attrs or {})})
+        arr.update_attributes({"created": _now(), **(attrs or {})})
         return arr
 
     def descriptor(self, name: str) -> np.ndarray:
@@ -523,9 +539,8 @@ class Store:
         """A fresh ``results/<run>`` group (an older one of that name is replaced)."""
         self._require_writable()
         group = self.group["results"].create_group(run, overwrite=True)
-        group.attrs.update({"created": _now(), **(attrs or {})})
+        group.update_attributes({"created": _now(), **(attrs or {})})
         return group
-
 
     # ------------------------------------------------------------------ summary
     def feature_completeness(self, name: str) -> float:

@@ -139,3 +139,16 @@ def test_info_of_a_plain_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("dfre: error: store path") and err.count("\n") == 1
     assert os.path.getsize(plain) == 1
+
+
+def test_append_refused_once_features_exist(sample_store_copy, tmp_path, capsys):
+    store = Store.open(sample_store_copy, mode="r+")
+    store.create_feature("toy/ll", 2)
+    n_atoms = store.n_atoms
+    with pytest.raises(DfreError, match="already has features or descriptors \\(toy/ll\\)"):
+        store.append(_block(1))
+    xyz = tmp_path / "more.xyz"
+    bulk("Cu").write(xyz)
+    assert main(["ingest", str(xyz), "--store", sample_store_copy]) == 2
+    assert "add the structures to a new store" in capsys.readouterr().err
+    assert Store.open(sample_store_copy).n_atoms == n_atoms

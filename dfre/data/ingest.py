@@ -300,9 +300,8 @@ def _ingest_file(
     elif record is not None and not record.get("complete"):
         # interrupted after its last batch but before the complete flag: just mark it
         final = {**base, "frames_done": done, "complete": True}
-        store.group.attrs["provenance"] = [
-            r for r in store.provenance if r.get("source") != path
-        ] + [final]
+        others = [r for r in store.provenance if r.get("source") != path]
+        store.commit({"provenance": [*others, final]})
     status = "resumed" if start else "ingested"
     return IngestReport(path, fmt, status, done - start, added_atoms, done)
 
@@ -328,8 +327,7 @@ def _rollback(store: Store, snapshot: dict, *, remove: bool) -> None:
     if remove and "://" not in store.path:
         shutil.rmtree(store.path, ignore_errors=True)
         return
-    store.group.attrs.update({k: snapshot[k] for k in ("n_structures", "n_atoms", "provenance")})
-    store._offsets = None
+    store.commit({k: snapshot[k] for k in ("n_structures", "n_atoms", "provenance")})
     info = store.structures["info"]
     for key in set(info.array_keys()) - snapshot["info_keys"]:
         del info[key]

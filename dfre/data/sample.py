@@ -362,9 +362,9 @@ def write_sample(
     if pending:
         flush(last=True)
     else:
-        store.group.attrs["provenance"] = [
-            r for r in store.provenance if r.get("source") != source
-        ] + [{**record, "frames_done": frames, "atoms_done": done, "complete": True}]
+        others = [r for r in store.provenance if r.get("source") != source]
+        final = {**record, "frames_done": frames, "atoms_done": done, "complete": True}
+        store.commit({"provenance": [*others, final]})
     return store
 
 

@@ -95,13 +95,14 @@ class Selection:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Selection):
             return NotImplemented
-        return (
-            (self.spec, self.n_rows, self.seed, self.n_folds)
-            == (other.spec, other.n_rows, other.seed, other.n_folds)
-            and all(
-                np.array_equal(a, c) and np.array_equal(b, d)
-                for (a, b), (c, d) in zip(self.folds, other.folds, strict=True)
-            )
+        return (self.spec, self.n_rows, self.seed, self.n_folds) == (
+            other.spec,
+            other.n_rows,
+            other.seed,
+            other.n_folds,
+        ) and all(
+            np.array_equal(a, c) and np.array_equal(b, d)
+            for (a, b), (c, d) in zip(self.folds, other.folds, strict=True)
         )
 
     __hash__ = object.__hash__
@@ -124,13 +125,16 @@ class Selection:
         """Write into ``group``: attrs spec/n_rows/seed/n_folds, per fold the test rows
         (int64) and the train rows as a boolean mask over all rows (compresses to almost
         nothing even for millions of rows)."""
-        group.attrs.update(
+        group.update_attributes(
             {"spec": self.spec, "n_rows": self.n_rows, "seed": self.seed, "n_folds": self.n_folds}
         )
         chunk = max(1, min(self.n_rows, 1 << 22))
         for k, (train, test) in enumerate(self.folds):
             test_arr = group.create_array(
-                f"test_{k}", shape=test.shape, chunks=(max(1, len(test)),), dtype="int64",
+                f"test_{k}",
+                shape=test.shape,
+                chunks=(max(1, len(test)),),
+                dtype="int64",
                 overwrite=True,
             )
             if len(test):
@@ -138,7 +142,10 @@ class Selection:
             mask = np.zeros(self.n_rows, dtype=bool)
             mask[train] = True
             train_arr = group.create_array(
-                f"train_mask_{k}", shape=mask.shape, chunks=(chunk,), dtype="bool",
+                f"train_mask_{k}",
+                shape=mask.shape,
+                chunks=(chunk,),
+                dtype="bool",
                 overwrite=True,
             )
             if self.n_rows:
@@ -222,9 +229,7 @@ def make_selection(
     return Selection(str(spec).strip(), n_rows, int(seed), folds)
 
 
-def selection_for_store(
-    spec: str, store: Store | str, *, seed: int = 0, valid=None
-) -> Selection:
+def selection_for_store(spec: str, store: Store | str, *, seed: int = 0, valid=None) -> Selection:
     """The selection ``spec`` over the atom rows of ``store``.
 
     Strata are the structures' subset labels, groups their structure index; rows where
@@ -241,9 +246,7 @@ def selection_for_store(
         labels = np.repeat(codes.astype(np.int64), store.counts)
     elif kind == "structure":
         groups = store.structure_index()
-    return make_selection(
-        spec, store.n_atoms, labels=labels, groups=groups, seed=seed, valid=valid
-    )
+    return make_selection(spec, store.n_atoms, labels=labels, groups=groups, seed=seed, valid=valid)
 
 
 # ---------------------------------------------------------------------- helpers
