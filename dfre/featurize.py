@@ -164,6 +164,7 @@ def featurize_frames(
     *,
     batch_atoms: int = DEFAULT_BATCH_ATOMS,
     prefetch: int = 0,
+    dims: dict[str, int] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, dict[int, str]]:
     """Features of ``frames`` in batches, tolerating structures the model cannot handle.
 
@@ -174,10 +175,8 @@ def featurize_frames(
     counts = np.array([len(a) for a in frames], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)])
     n_rows = int(starts[-1])
-    out = {
-        layer: np.full((n_rows, extractor.layers[layer].dim or 0), np.nan, np.float32)
-        for layer in layers
-    }
+    dims = dims or {layer: extractor.layers[layer].dim for layer in layers}
+    out = {layer: np.full((n_rows, dims[layer]), np.nan, np.float32) for layer in layers}
     mask = np.zeros(n_rows, dtype=bool)
     reasons: dict[int, str] = {}
     ok = []
@@ -276,7 +275,12 @@ def featurize_unit(
     group = store.group["features"][name]
     frames = read_frames(store, unit.s_lo, unit.s_hi)
     out, mask, reasons = featurize_frames(
-        extractor, frames, layers, batch_atoms=batch_atoms, prefetch=prefetch
+        extractor,
+        frames,
+        layers,
+        batch_atoms=batch_atoms,
+        prefetch=prefetch,
+        dims={layer: group[layer].shape[1] for layer in layers},
     )
     own = slice(unit.row_lo - unit.first_row, unit.row_hi - unit.first_row)
     group["_mask"][unit.row_lo : unit.row_hi] = mask[own]
@@ -344,6 +348,8 @@ def featurize(
             f"{store.path}` first"
         )
     _check_elements(store, extractor)
+    if any(extractor.layers[layer].dim is None for layer in layers):
+        _discover_dims(store, extractor, layers)
 
     group = store.group["features"].require_group(name)
     chunk = _feature_chunk_rows(store, group, layers, chunk_atoms)
@@ -449,6 +455,21 @@ def _check_elements(store: Store, extractor: FeatureExtractor) -> None:
             f"{', '.join(chemical_symbols[z] for z in missing)} are outside its training set; "
             "choose a model trained on these elements"
         )
+
+
+def _discover_dims(store: Store, extractor: FeatureExtractor, layers: Sequence[str]) -> None:
+    """Run the model on the first structure it can handle to learn the layer sizes."""
+    for index in range(min(store.n_structures, 100)):
+        (atoms,) = read_frames(store, index, index + 1)
+        if extractor.unsupported_reason(atoms) is None:
+            features = extractor.featurize([atoms], layers)
+            for layer in layers:
+                old = extractor.layers[layer]
+                extractor.layers[layer] = type(old)(layer, features[layer].shape[1], old.definition)
+            return
+    raise DfreError(
+        f"model {extractor.name} cannot handle any of the first 100 structures of {store.path}"
+    )
 
 
 def _compute_as_completed(tasks: list, progress: Callable[[dict], None] | None) -> list[dict]:

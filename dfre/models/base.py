@@ -213,7 +213,7 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 _FAMILY_MODULES = ("chgnet", "sevennet", "mace", "metatomic", "uma", "dpa", "generic")
 _CACHE: dict[tuple, FeatureExtractor] = {}
-_CACHE_LOCK = threading.Lock()
+_CACHE_LOCK = threading.RLock()
 
 
 def register(spec: ModelSpec) -> ModelSpec:

@@ -1,0 +1,141 @@
+"""``dfre featurize``: per-atom latent features of a model for every structure of a store."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from dfre.cluster import add_cluster_arguments, client_from_args
+from dfre.featurize import DEFAULT_BATCH_ATOMS, featurize
+from dfre.lock import store_lock
+from dfre.store import Store
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "featurize",
+        help="extract per-atom latent features of a model into the store",
+        description="Run a model (see `dfre models`) on every structure of the store, in "
+        "Dask tasks over chunks of atoms, and write features/<model>/<layer>. Resumable: "
+        "a re-run computes only what is missing. Structures the model cannot handle are "
+        "masked and reported.",
+    )
+    p.add_argument("--store", required=True, help="path of the dfre store")
+    p.add_argument("--model", required=True, help="registry name, e.g. chgnet-0.3.0")
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="comma-separated layers, e.g. ll,bb (default: all the model offers)",
+    )
+    p.add_argument(
+        "--batch-atoms",
+        type=int,
+        default=DEFAULT_BATCH_ATOMS,
+        metavar="N",
+        help=f"atoms per forward pass, whole structures (default {DEFAULT_BATCH_ATOMS})",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="device of the models on the workers (default: cuda with --gpu, else cpu)",
+    )
+    p.add_argument(
+        "--name", default=None, help="model name in the store (default: the --model name)"
+    )
+    p.add_argument(
+        "--weights", default=None, metavar="PATH", help="model file, for user-file models"
+    )
+    p.add_argument(
+        "--hook",
+        action="append",
+        default=None,
+        metavar="LAYER=MODULE",
+        help="generic model: a layer and the dotted path of the module whose input it "
+        "is (repeatable), e.g. ll=mlp.layers.3",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="extra option of the model loader (repeatable), e.g. head=omat",
+    )
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="threads building graphs ahead of the forward pass (default: 2 on cuda, 0 on cpu)",
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch threads per worker (default: CPU cores / Dask threads)",
+    )
+    add_cluster_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def model_options(args) -> dict:
+    """Loader options from --weights, --hook and --option."""
+    options: dict = {}
+    if args.weights:
+        options["path"] = os.path.abspath(args.weights)
+    if args.hook:
+        options["hooks"] = dict(_key_value(h, "--hook") for h in args.hook)
+    for item in args.option or []:
+        key, value = _key_value(item, "--option")
+        options[key] = value
+    return options
+
+
+def _key_value(item: str, flag: str) -> tuple[str, str]:
+    from dfre.errors import DfreError
+
+    key, sep, value = item.partition("=")
+    if not sep or not key or not value:
+        raise DfreError(f"{flag} {item!r}: expected KEY=VALUE")
+    return key.strip(), value.strip()
+
+
+def run(args) -> int:
+    layers = [layer.strip() for layer in args.layers.split(",")] if args.layers else None
+    device = args.device or ("cuda" if args.gpu else "cpu")
+    if device == "cuda" and args.gpu is None:
+        args.gpu = True
+    prefetch = args.prefetch if args.prefetch is not None else (2 if device == "cuda" else 0)
+    options = model_options(args)
+    Store.open(args.store, mode="r+")  # a one-line error before any cluster starts
+    with store_lock(args.store, "dfre featurize"), client_from_args(args) as client:
+        torch_threads = args.torch_threads or _default_torch_threads(client)
+
+        def progress(result: dict) -> None:
+            print(
+                f"dfre: featurize {args.model}: chunks {result['unit'][0]}-"
+                f"{result['unit'][1] - 1} done ({result['atoms']} atoms)",
+                file=sys.stderr,
+            )
+
+        report = featurize(
+            args.store,
+            args.model,
+            layers=layers,
+            name=args.name,
+            batch_atoms=args.batch_atoms,
+            device=device,
+            options=options,
+            prefetch=prefetch,
+            torch_threads=torch_threads,
+            progress=progress,
+        )
+    print(report.summary())
+    return 0
+
+
+def _default_torch_threads(client) -> int:
+    """The CPU cores here shared among all Dask threads (exact for a local cluster)."""
+    threads = sum(client.nthreads().values()) or 1
+    return max(1, (os.cpu_count() or 1) // threads)
