@@ -16,9 +16,9 @@ from dfre import __version__
 from dfre.errors import DfreError
 
 #: Modules of ``dfre.cli`` that each define one or more sub-commands, in help order.
-COMMAND_MODULES: list[str] = [
+COMMAND_MODULES: list[str] = , "featurize", "models"]
     "ingest", "sample", "info",
-    "cumulants", "pcovr", "report", "chemiscope", "cluster", "gfre", "lfre"]
+    "cumulants", "pcovr", "report", "chemiscope", "cluster", "gfre", "lfre", "checkpoints"]
 
 
 def build_parser() -> argparse.ArgumentParser:
