@@ -219,3 +219,15 @@ def test_unfinished_results_are_listed_not_drawn(report_store, tmp_path, capsys)
     assert main(argv) == 0
     assert "results/partial has no known kind" in capsys.readouterr().err
     assert "results without a known kind" in (tmp_path / "r" / "index.html").read_text()
+
+
+def test_breakdown_leaves_out_pairs_not_computed():
+    values = np.full((2, 3, 3), np.nan)
+    values[:, 0, 2] = [0.1, 0.2]
+    values[:, 1, 2] = [0.3, 0.4]
+    fig = figures.breakdown_heatmap(
+        ["g1", "g2"], values, ["a", "b", "c"], title="t", group_label="subset"
+    )
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a → c", "b → c"]
+    assert sorted(t.get_text() for t in ax.texts) == ["0.10", "0.20", "0.30", "0.40"]

@@ -111,11 +111,15 @@ def breakdown_heatmap(
     group_label: str,
     colorbar_label: str = "error",
 ) -> Figure:
-    """Error of every source → target pair (columns) within each group (rows)."""
-    pairs = pair_names(names)
+    """Error of every computed source → target pair (columns) within each group (rows).
+
+    Pairs the result did not compute (all NaN) are left out.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    pairs = [(i, j, n) for i, j, n in pair_names(names) if np.isfinite(values[:, i, j]).any()]
     table = np.array([[values[g, i, j] for i, j, _ in pairs] for g in range(len(groups))])
     if not pairs:  # a single feature set: show its self-reconstruction
-        pairs, table = [(0, 0, f"{names[0]} → {names[0]}")], np.asarray(values)[:, :1, 0]
+        pairs, table = [(0, 0, f"{names[0]} → {names[0]}")], values[:, :1, 0]
     return heatmap(
         table.reshape(len(groups), len(pairs)),
         groups,
