@@ -36,8 +36,10 @@ import numpy as np
 
 from dfre.linalg.backend import array_module, to_numpy
 
-#: Rows of a chunk converted to float64 at a time (bounds the temporaries of a task).
+#: Rows of a chunk converted to float64 at a time (bounds the temporaries of a task);
+#: on a GPU larger blocks keep the GEMMs large compared with the launch overheads.
 SUB_BLOCK_ROWS = 8192
+GPU_SUB_BLOCK_ROWS = 1 << 17
 #: Partial results merged per task of the reduction tree.
 TREE_FAN_IN = 8
 
@@ -141,14 +143,15 @@ def chunk_statistics(block, labels: np.ndarray, n_values: int, kind: str) -> Gro
     d = block.shape[1]
     layers = labels.shape[0]
     used = (labels >= 0).any(axis=0)
+    step = SUB_BLOCK_ROWS if xp is np else GPU_SUB_BLOCK_ROWS
     nonfinite = xp.zeros(d, dtype=np.int64)
     results = []
     for layer in range(layers):
         for value in range(n_values):
             rows = np.flatnonzero(labels[layer] == value)
             acc = part(xp.zeros((0, d)))
-            for lo in range(0, len(rows), SUB_BLOCK_ROWS):
-                idx = rows[lo : lo + SUB_BLOCK_ROWS]
+            for lo in range(0, len(rows), step):
+                idx = rows[lo : lo + step]
                 z = xp.take(block, xp.asarray(idx), axis=0).astype(np.float64)
                 acc = merge(acc, part(z))
             results.append(acc)

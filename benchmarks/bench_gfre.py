@@ -1,0 +1,248 @@
+"""GFRE benchmark: dfre's one-pass 4x4 matrix against skmatter called pair by pair.
+
+6a (default): ``--n-envs`` synthetic environments with feature dims 144/512/240/128
+(``synthetic.py``), a stratified test set of ``--test`` environments; dfre computes the
+whole matrix (with pointwise errors) in a separate process whose peak RSS is read from
+``ru_maxrss``; skmatter's ``global_reconstruction_error`` runs on the first
+``--reference-pairs`` pairs (float64) and its 16-pair total is measured or, when fewer
+pairs ran, extrapolated from the per-pair mean (labelled so). Full size:
+
+    python benchmarks/bench_gfre.py --n-envs 258000 --reference-pairs 16
+
+6b (``--out-of-core N``): streams N x (512, 144) float32 features to a Zarr store on disk
+(``--workdir``) and computes their 2x2 matrix (random:1000 test set) with bounded RSS:
+
+    python benchmarks/bench_gfre.py --out-of-core 10000000 --workdir /scratch/dfre-bench
+
+6c (``--device cuda``): the dfre part with CuPy chunks already in GPU memory; prints the
+Gram pass's effective float64 throughput (2 n D^2 flops per pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from synthetic import PAPER_DIMS, read_synthetic_zarr, write_synthetic_zarr  # noqa: E402
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+def _selection(spec: str, labels: np.ndarray, seed: int):
+    from dfre.data.selection import make_selection
+
+    return make_selection(spec, len(labels), labels=labels, seed=seed)
+
+
+def run_dfre(config: dict) -> dict:
+    """The dfre side, run in its own process: read the store, compute, report."""
+    import dask
+
+    from dfre.linalg.gram import group_statistics
+    from dfre.metrics.gfre import GROUPS_PER_FOLD, _concatenate, fold_labels, gfre_matrix
+
+    names, arrays, labels = read_synthetic_zarr(config["path"])
+    arrays = [a.rechunk({0: config["chunk_rows"]}) for a in arrays]
+    selection = _selection(config["selection"], labels, config["seed"])
+    del labels
+    dask.config.set(scheduler="threads", num_workers=config["threads"])
+    out = {"names": names, "rss_before_gb": _peak_rss_gb()}
+    if config["device"] == "cuda":
+        import cupy
+
+        arrays = [a.map_blocks(cupy.asarray, dtype=a.dtype) for a in arrays]
+        arrays = dask.persist(*arrays)  # data already in GPU memory before timing
+        cupy.cuda.Device().synchronize()
+        z = _concatenate(list(arrays))
+        labels = fold_labels([(selection.train, selection.test)], z.shape[0])
+        start = time.perf_counter()
+        group_statistics(z, labels, GROUPS_PER_FOLD, solver=config["solver"])
+        cupy.cuda.Device().synchronize()
+        t_pass = time.perf_counter() - start
+        n_used = len(selection.train) + len(selection.test)
+        d = z.shape[1]
+        out["gram_pass_s"] = t_pass
+        out["effective_tflops"] = 2 * n_used * d * d / t_pass / 1e12
+    start = time.perf_counter()
+    result = gfre_matrix(arrays, selection, names=names, solver=config["solver"], pointwise=True)
+    out["seconds"] = time.perf_counter() - start
+    out["matrix"] = result.matrix.tolist()
+    out["alpha"] = result.alpha.tolist()
+    out["peak_rss_gb"] = _peak_rss_gb()
+    return out
+
+
+def dfre_in_subprocess(config: dict) -> dict:
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--run-dfre", json.dumps(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"dfre process failed with status {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def reference_pairs(path: str, selection_spec: str, seed: int, n_pairs: int):
+    """skmatter's GFRE for the first ``n_pairs`` (source, target) pairs, float64 inputs."""
+    from skmatter.metrics import global_reconstruction_error
+
+    names, arrays, labels = read_synthetic_zarr(path)
+    selection = _selection(selection_spec, labels, seed)
+    data = [np.asarray(a, dtype=np.float64) for a in arrays]
+    m = len(data)
+    pairs = [(a, b) for a in range(m) for b in range(m)][:n_pairs]
+    values, times = {}, []
+    for a, b in pairs:
+        start = time.perf_counter()
+        values[a, b] = global_reconstruction_error(
+            data[a], data[b], test_idx=selection.test, train_idx=selection.train
+        )
+        times.append(time.perf_counter() - start)
+        print(
+            f"  skmatter {names[a]} -> {names[b]}: {values[a, b]:.6f} in {times[-1]:.1f} s",
+            flush=True,
+        )
+    return values, times, m * m
+
+
+def print_matrix(names, matrix) -> None:
+    width = max(len(n) for n in names) + 2
+    print(" " * width + "".join(n.rjust(width) for n in names))
+    for name, row in zip(names, matrix, strict=True):
+        print(name.ljust(width) + "".join(f"{v:{width}.4f}" for v in row))
+
+
+def bench_matrix(args, workdir: str) -> None:
+    dims = [int(d) for d in args.dims.split(",")]
+    path = os.path.join(workdir, f"synthetic-{args.n_envs}.zarr")
+    start = time.perf_counter()
+    write_synthetic_zarr(path, args.n_envs, dims, args.seed, chunk_rows=args.chunk_rows)
+    print(
+        f"data: {args.n_envs} environments, dims {dims}, written in "
+        f"{time.perf_counter() - start:.1f} s to {path}"
+    )
+    spec = f"stratified:{args.test}"
+    config = {
+        "path": path,
+        "selection": spec,
+        "seed": args.seed,
+        "solver": args.solver,
+        "chunk_rows": args.chunk_rows,
+        "threads": args.threads,
+        "device": args.device,
+    }
+    out = dfre_in_subprocess(config)
+    names = out["names"]
+    print(
+        f"\ndfre ({args.solver}, {args.device}, {args.threads} threads): whole "
+        f"{len(names)}x{len(names)} matrix with pointwise errors in {out['seconds']:.2f} s, "
+        f"peak RSS {out['peak_rss_gb']:.2f} GB"
+    )
+    if "effective_tflops" in out:
+        print(
+            f"dfre Gram pass on GPU: {out['gram_pass_s']:.3f} s, effective "
+            f"{out['effective_tflops']:.1f} TFLOP/s (float64)"
+        )
+    print_matrix(names, np.array(out["matrix"]))
+    if args.reference_pairs <= 0:
+        return
+    print(f"\nskmatter 0.4.1 global_reconstruction_error, {args.reference_pairs} pair(s):")
+    values, times, n_all = reference_pairs(path, spec, args.seed, args.reference_pairs)
+    per_pair = float(np.mean(times))
+    total = sum(times) if len(times) == n_all else per_pair * n_all
+    label = "measured" if len(times) == n_all else f"extrapolated from {len(times)} pairs"
+    matrix = np.array(out["matrix"])
+    rel = [abs(matrix[a, b] / v - 1) for (a, b), v in values.items() if a != b]
+    print(f"skmatter: {per_pair:.2f} s per pair; {n_all}-pair total {total:.1f} s ({label})")
+    if rel:
+        print(f"max relative difference dfre vs skmatter (off-diagonal pairs run): {max(rel):.2e}")
+    print(
+        f"speed-up dfre vs skmatter for the whole matrix: {total / out['seconds']:.1f}x "
+        f"({label} reference)"
+    )
+
+
+def bench_out_of_core(args, workdir: str) -> None:
+    n = args.out_of_core
+    path = os.path.join(workdir, f"ooc-{n}.zarr")
+    dims = [512, 144]
+    start = time.perf_counter()
+    write_synthetic_zarr(path, n, dims, args.seed, chunk_rows=args.chunk_rows)
+    size = n * sum(dims) * 4 / 1e9
+    print(
+        f"data: {n} environments x {dims} float32 = {size:.2f} GB on disk, written in "
+        f"{time.perf_counter() - start:.1f} s to {path}"
+    )
+    config = {
+        "path": path,
+        "selection": "random:1000",
+        "seed": args.seed,
+        "solver": args.solver,
+        "chunk_rows": args.chunk_rows,
+        "threads": args.threads,
+        "device": args.device,
+    }
+    out = dfre_in_subprocess(config)
+    chunk_gb = args.chunk_rows * sum(dims) * 4 / 1e9
+    print(
+        f"dfre ({args.solver}): 2x2 matrix over {n} environments in {out['seconds']:.1f} s "
+        f"({n / out['seconds']:.3g} rows/s, {size / out['seconds']:.2f} GB/s); peak RSS "
+        f"{out['peak_rss_gb']:.2f} GB for {size:.1f} GB of data (chunk {chunk_gb:.3f} GB)"
+    )
+    print_matrix(out["names"], np.array(out["matrix"]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n-envs", type=int, default=258_000)
+    p.add_argument("--dims", default=",".join(map(str, PAPER_DIMS)))
+    p.add_argument("--test", type=int, default=1000, help="stratified test environments")
+    p.add_argument(
+        "--reference-pairs",
+        type=int,
+        default=16,
+        help="skmatter pairs to run (0: none); the total is extrapolated",
+    )
+    p.add_argument("--solver", choices=("gram", "tsqr"), default="gram")
+    p.add_argument("--chunk-rows", type=int, default=1 << 15)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--out-of-core",
+        type=int,
+        metavar="N",
+        help="6b: stream N x (512, 144) features to disk and run on them",
+    )
+    p.add_argument("--workdir", help="where the Zarr data go (default: a temporary folder)")
+    p.add_argument("--run-dfre", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.run_dfre:
+        print(json.dumps(run_dfre(json.loads(args.run_dfre))))
+        return 0
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        workdir = args.workdir if args.workdir and args.out_of_core else tmp
+        if args.out_of_core:
+            bench_out_of_core(args, workdir)
+        else:
+            bench_matrix(args, workdir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
