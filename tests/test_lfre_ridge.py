@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from skmatter.linear_model import Ridge2FoldCV
 from sklearn.model_selection import KFold
+from skmatter.linear_model import Ridge2FoldCV
 
 from dfre.linalg.local_ridge import DEFAULT_ALPHAS, fold_positions, local_ridge
 
