@@ -16,8 +16,8 @@ from dfre import __version__
 from dfre.errors import DfreError
 
 #: Modules of ``dfre.cli`` that each define one or more sub-commands, in help order.
-COMMAND_MODULES: list[str] = , "featurize", "models"]
-    "ingest", "sample", "info",
+COMMAND_MODULES: list[str] = [
+    "ingest", "sample", "info", "featurize", "models",
     "cumulants", "pcovr", "report", "chemiscope", "cluster", "gfre", "lfre", "checkpoints"]
 
 
