@@ -132,17 +132,18 @@ def test_heatmap_cells_print_the_matrix_with_source_rows():
     assert ax.get_xlabel().startswith("target")
 
 
-def test_breakdowns_are_rms_of_pointwise_errors_per_group(report_store):
+def test_breakdown_cells_are_rms_of_pointwise_errors_per_group(report_store, tmp_path):
     store, atoms, (matrix, pointwise) = report_store
+    make_report(store, tmp_path / "r", ["gfre"])
     elements = np.array([chemical_symbols[z] for z in store.numbers()[atoms]])
-    groups, values = figures.group_errors(pointwise, elements)
-    assert groups == sorted(set(elements))
+    groups = sorted(set(elements))
+    pairs = [(i, j) for i in range(3) for j in range(3) if i != j]
+    expected = {}
     for g, element in enumerate(groups):
-        rows = elements == element
-        expected = np.sqrt(np.mean(pointwise[:, :, rows] ** 2, axis=2))
-        np.testing.assert_allclose(values[g], expected)
-    _, whole = figures.group_errors(pointwise, np.zeros(len(atoms)))
-    np.testing.assert_allclose(whole[0], matrix)
+        rms = np.sqrt(np.mean(pointwise[:, :, elements == element] ** 2, axis=2))
+        for c, (i, j) in enumerate(pairs):
+            expected[(g, c)] = f"{rms[i, j]:.2f}"
+    assert svg_cells(tmp_path / "r" / "gfre-gfre-per-element.svg") == expected
 
 
 def test_checkpoint_curves_follow_the_reference_column(report_store):
@@ -222,12 +223,19 @@ def test_unfinished_results_are_listed_not_drawn(report_store, tmp_path, capsys)
 
 
 def test_breakdown_leaves_out_pairs_not_computed():
-    values = np.full((2, 3, 3), np.nan)
-    values[:, 0, 2] = [0.1, 0.2]
-    values[:, 1, 2] = [0.3, 0.4]
-    fig = figures.breakdown_heatmap(
-        ["g1", "g2"], values, ["a", "b", "c"], title="t", group_label="subset"
-    )
+    from dfre.metrics.breakdown import pointwise_breakdown
+
+    pointwise = np.full((3, 3, 4), np.nan)
+    pointwise[0, 2] = [0.1, 0.1, 0.2, 0.2]
+    pointwise[1, 2] = [0.3, 0.3, 0.4, 0.4]
+    frame = pointwise_breakdown(pointwise, ["g1", "g1", "g2", "g2"], ["a", "b", "c"])
+    fig = figures.breakdown_heatmap(frame, ["a", "b", "c"], title="t", group_label="subset")
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a → c", "b → c"]
-    assert sorted(t.get_text() for t in ax.texts) == ["0.10", "0.20", "0.30", "0.40"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["g1", "g2"]
+    assert {t.get_gid(): t.get_text() for t in ax.texts} == {
+        "cell-0-0": "0.10",
+        "cell-1-0": "0.20",
+        "cell-0-1": "0.30",
+        "cell-1-1": "0.40",
+    }

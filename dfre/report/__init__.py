@@ -47,6 +47,7 @@ class Report:
 
 def make_report(store: Any, out_dir: str | os.PathLike, runs: list[str] | None = None) -> Report:
     """Write figures of the results ``runs`` (default: all) and ``index.html`` to ``out_dir``."""
+    from dfre.metrics.breakdown import pointwise_breakdown
     from dfre.report import figures as fig
     from dfre.report.html import FigureFile, Section, render_html
 
@@ -98,12 +99,12 @@ def make_report(store: Any, out_dir: str | os.PathLike, runs: list[str] | None =
                 test_rows = np.asarray(group["test_rows"][...])
                 level = context.level(names, config)
                 for by, labels in context.breakdowns(test_rows, level):
-                    g, values = fig.group_errors(pointwise, labels)
+                    frame = pointwise_breakdown(pointwise, labels, names)
                     title = f"{label} per {by} ({run})"
                     add(
                         section,
                         fig.breakdown_heatmap(
-                            g, values, names, title=title, group_label=by, colorbar_label=label
+                            frame, names, title=title, group_label=by, colorbar_label=label
                         ),
                         f"{run}-{kind}-per-{by}",
                         f"{label} of the test rows of each {by}",

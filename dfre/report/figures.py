@@ -3,13 +3,8 @@
 Every function returns a :class:`matplotlib.figure.Figure`; :func:`save` writes it as PNG
 and SVG (text kept as text in the SVG, so the printed values can be searched).
 
-Breakdowns: for a group :math:`g` of test rows (a subset, an element) the error of a
-pair is the root mean square of the pointwise errors of its rows,
-
-.. math:: \\mathrm{FRE}_g(F_i \\to F_j) = \\sqrt{\\frac{1}{|g|}\\sum_{r \\in g}
-          e_{ij,r}^2}, \\qquad e_{ij,r} = \\lVert x'_{j,r} - \\hat x'_{j,r} \\rVert ,
-
-so over all test rows it is the matrix entry itself.
+Breakdowns (per subset, per element) are the root mean squares of the pointwise errors
+of the test rows of each group, from :func:`dfre.metrics.breakdown.pointwise_breakdown`.
 """
 
 from __future__ import annotations
@@ -82,29 +77,13 @@ def fre_heatmap(matrix: Any, names: Sequence[str], *, title: str, kind: str) -> 
     return heatmap(matrix, names, names, title=title, colorbar_label=kind.upper())
 
 
-def group_errors(pointwise: Any, labels: Any) -> tuple[list[str], np.ndarray]:
-    """Per-group errors (G, M, M) of ``pointwise`` (M, M, n_test) grouped by ``labels``."""
-    pointwise = np.asarray(pointwise, dtype=np.float64)
-    labels = np.asarray(labels).astype(str)
-    groups = sorted(set(labels.tolist()))
-    values = (
-        np.stack([np.sqrt(np.mean(pointwise[:, :, labels == g] ** 2, axis=2)) for g in groups])
-        if groups
-        else np.zeros((0,) + pointwise.shape[:2])
-    )
-    return groups, values
-
-
-def pair_names(names: Sequence[str]) -> list[tuple[int, int, str]]:
-    """Off-diagonal pairs ``(i, j, "source → target")``."""
-    return [
-        (i, j, f"{a} → {b}") for i, a in enumerate(names) for j, b in enumerate(names) if i != j
-    ]
+def pair_names(names: Sequence[str]) -> list[tuple[str, str]]:
+    """Off-diagonal ``(source, target)`` pairs in matrix order."""
+    return [(a, b) for a in names for b in names if a != b]
 
 
 def breakdown_heatmap(
-    groups: Sequence[str],
-    values: Any,
+    frame: Any,
     names: Sequence[str],
     *,
     title: str,
@@ -113,17 +92,27 @@ def breakdown_heatmap(
 ) -> Figure:
     """Error of every computed source → target pair (columns) within each group (rows).
 
-    Pairs the result did not compute (all NaN) are left out.
+    ``frame`` has columns ``source``, ``target``, ``group``, ``rmse``, as made by
+    :func:`dfre.metrics.breakdown.pointwise_breakdown` (pairs not computed are absent).
+    Self-pairs are shown only when nothing else was computed.
     """
-    values = np.asarray(values, dtype=np.float64)
-    pairs = [(i, j, n) for i, j, n in pair_names(names) if np.isfinite(values[:, i, j]).any()]
-    table = np.array([[values[g, i, j] for i, j, _ in pairs] for g in range(len(groups))])
-    if not pairs:  # a single feature set: show its self-reconstruction
-        pairs, table = [(0, 0, f"{names[0]} → {names[0]}")], values[:, :1, 0]
+    present = set(zip(frame["source"], frame["target"], strict=True))
+    pairs = [p for p in pair_names(names) if p in present]
+    if not pairs:
+        pairs = [(a, a) for a in names if (a, a) in present]
+    groups = sorted({str(g) for g in frame["group"]})
+    row = {g: r for r, g in enumerate(groups)}
+    column = {p: c for c, p in enumerate(pairs)}
+    table = np.full((len(groups), len(pairs)), np.nan)
+    for source, target, group, rmse in zip(
+        frame["source"], frame["target"], frame["group"], frame["rmse"], strict=True
+    ):
+        if (source, target) in column:
+            table[row[str(group)], column[(source, target)]] = rmse
     return heatmap(
-        table.reshape(len(groups), len(pairs)),
+        table,
         groups,
-        [p[2] for p in pairs],
+        [f"{a} → {b}" for a, b in pairs],
         title=title,
         row_label=group_label,
         column_label="source → target",
