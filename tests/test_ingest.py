@@ -235,6 +235,8 @@ def base_store(tmp_path):
             "info 'kind' mixes numbers and text",
         ),
         ("missing.xyz", None, [], "{path} does not exist"),
+        ("garbage.xyz", "\x00\x01\x02 binary junk\n", [], "cannot read {path} frame 0"),
+        ("unknown_element.xyz", GOOD_FRAME.replace("Cu 2 2 0", "Qq 2 2 0"), [], "{path} frame 0"),
     ],
 )
 def test_bad_input_leaves_the_store_unchanged(
@@ -261,6 +263,13 @@ def test_bad_input_into_a_new_store_leaves_nothing(tmp_path, capsys):
     assert main(["ingest", bad, "--store", str(store_path), "--chunk-atoms", "2"]) == 2
     assert "frame 3" in capsys.readouterr().err
     assert not store_path.exists()
+
+
+def test_directory_as_input_file(tmp_path, capsys):
+    (tmp_path / "folder.xyz").mkdir()
+    assert main(["ingest", str(tmp_path / "folder.xyz"), "--store", str(tmp_path / "s")]) == 2
+    assert "is not a file" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
 
 
 def test_store_path_that_is_a_file(tmp_path, capsys):
