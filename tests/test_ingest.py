@@ -236,7 +236,12 @@ def base_store(tmp_path):
         ),
         ("missing.xyz", None, [], "{path} does not exist"),
         ("garbage.xyz", "\x00\x01\x02 binary junk\n", [], "cannot read {path} frame 0"),
-        ("unknown_element.xyz", GOOD_FRAME.replace("Cu 2 2 0", "Qq 2 2 0"), [], "{path} frame 0"),
+        (
+            "unknown_element.xyz",
+            GOOD_FRAME.replace("Cu 2 2 0", "Qq 2 2 0"),
+            [],
+            "{path} frame 0 as extxyz: unknown element symbol or key 'Qq'",
+        ),
     ],
 )
 def test_bad_input_leaves_the_store_unchanged(

@@ -139,6 +139,8 @@ def _frames_checked(path: str, format: str, start: int) -> Iterator:
             raise
         except Exception as error:  # ASE raises many kinds for malformed input
             reason = " ".join(str(error).split()) or type(error).__name__
+            if isinstance(error, KeyError):  # e.g. an unknown chemical symbol
+                reason = f"unknown element symbol or key {reason}"
             raise DfreError(
                 f"cannot read {path} frame {index} as {format}: {reason}; "
                 "fix or remove that frame, or give the right --format"
