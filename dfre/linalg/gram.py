@@ -40,8 +40,9 @@ from dfre.linalg.backend import array_module, to_numpy
 #: on a GPU larger blocks keep the GEMMs large compared with the launch overheads.
 SUB_BLOCK_ROWS = 8192
 GPU_SUB_BLOCK_ROWS = 1 << 17
-#: Partial results merged per task of the reduction tree.
+#: Partial results merged per task of the reduction tree (fewer when they are large).
 TREE_FAN_IN = 8
+MERGE_BUDGET_BYTES = 1 << 30
 
 
 @dataclass
@@ -196,7 +197,8 @@ def group_statistics(
 ) -> GroupStatistics:
     """One pass over the row chunks of ``Z``: statistics of every labelled group.
 
-    The per-chunk results are merged by a tree of fan-in :data:`TREE_FAN_IN` and computed
+    The per-chunk results are merged by a tree of fan-in :data:`TREE_FAN_IN` (less when
+    ``fan_in`` partial results would exceed :data:`MERGE_BUDGET_BYTES`) and computed
     with the active Dask scheduler (the current ``distributed.Client`` if there is one).
     The result is on the host (numpy).
     """
@@ -214,7 +216,10 @@ def group_statistics(
         chunk(blk, labels[:, lo:hi], n_values, solver)
         for blk, lo, hi in zip(blocks, bounds[:-1], bounds[1:], strict=True)
     ]
+    n_groups = labels.shape[0] * n_values
+    result_bytes = 8 * n_groups * Z.shape[1] * (Z.shape[1] + 1)
+    fan_in = int(min(TREE_FAN_IN, max(2, MERGE_BUDGET_BYTES // result_bytes)))
     while len(parts) > 1:
-        parts = [merge(*parts[i : i + TREE_FAN_IN]) for i in range(0, len(parts), TREE_FAN_IN)]
+        parts = [merge(*parts[i : i + fan_in]) for i in range(0, len(parts), fan_in)]
     (result,) = dask.compute(parts[0])
     return result.to_numpy()

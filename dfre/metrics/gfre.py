@@ -53,6 +53,7 @@ from dfre.linalg.scaling import FlexibleScaling, flexible_scaling, scaled_factor
 DEFAULT_ALPHAS = tuple(np.geomspace(1e-9, 0.9, 20))
 RANDOM_STATE = 0x5F3759DF
 DEFAULT_CHUNK_ROWS = 1 << 15
+RESULT_CHUNK = 1 << 16  # test environments per chunk of the stored per-environment arrays
 
 FOLD1, FOLD2, TEST = 0, 1, 2
 GROUPS_PER_FOLD = 3
@@ -470,9 +471,8 @@ def write_result(store: Any, run: str, result: GfreResult) -> None:
     if result.distortion is not None:
         arrays["distortion"] = result.distortion
     for key, values in arrays.items():
-        arr = group.create_array(
-            key, shape=values.shape, dtype=values.dtype, chunks=values.shape or None
-        )
+        chunks = values.shape[:-1] + (min(values.shape[-1], RESULT_CHUNK),) if values.ndim else ()
+        arr = group.create_array(key, shape=values.shape, dtype=values.dtype, chunks=chunks)
         arr[...] = values
     if hasattr(selection, "save"):
         selection.save(group.create_group("selection"))
