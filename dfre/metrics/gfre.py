@@ -21,7 +21,7 @@ rows only, once the weights are known.
 
 Solvers: ``"gram"`` (default) accumulates centred Gram matrices (normal equations). Their
 rounding errors are of order :math:`\\epsilon\\, s_{max}^2`, so singular values of a feature
-set below about :math:`\\sqrt{D\\epsilon}\\, s_{max} \approx 5\\cdot 10^{-7} s_{max}` (D the
+set below about :math:`\\sqrt{D\\epsilon}\\, s_{max} \\approx 5\\cdot 10^{-7} s_{max}` (D the
 total number of columns) cannot be resolved and are treated as zero. It matches skmatter
 whenever the chosen cutoff does not fall among such singular values: well-conditioned or
 exactly rank-deficient features, and every relative alpha above about
