@@ -295,6 +295,25 @@ def featurize_unit(
     }
 
 
+def check_request(
+    store: Store, model: str, layers: Sequence[str] | None, options: dict | None = None
+) -> tuple[FeatureExtractor, list[str]]:
+    """Validate a featurize request before any work: the model loads (here, on the CPU),
+    it offers ``layers``, the store has structures and some of them use only elements
+    the model knows. Returns the extractor and the layers (with known dimensions)."""
+    extractor = load_extractor(model, "cpu", **(options or {}))
+    layers = extractor.check_layers(list(layers) if layers is not None else None)
+    if store.n_structures == 0:
+        raise DfreError(
+            f"store {store.path} has no structures: add some with `dfre ingest FILES --store "
+            f"{store.path}` first"
+        )
+    _check_elements(store, extractor)
+    if any(extractor.layers[layer].dim is None for layer in layers):
+        _discover_dims(store, extractor, layers)
+    return extractor, layers
+
+
 def featurize(
     store: Store | str,
     model: str,
@@ -340,16 +359,7 @@ def featurize(
             f"model name '{name}' in the store must be non-empty, without '/' or a leading '_'"
         )
     options = dict(options or {})
-    extractor = load_extractor(model, "cpu", **options)
-    layers = extractor.check_layers(list(layers) if layers is not None else None)
-    if store.n_structures == 0:
-        raise DfreError(
-            f"store {store.path} has no structures: add some with `dfre ingest FILES --store "
-            f"{store.path}` first"
-        )
-    _check_elements(store, extractor)
-    if any(extractor.layers[layer].dim is None for layer in layers):
-        _discover_dims(store, extractor, layers)
+    extractor, layers = check_request(store, model, layers, options)
 
     group = store.group["features"].require_group(name)
     chunk = _feature_chunk_rows(store, group, layers, chunk_atoms)

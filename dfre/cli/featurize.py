@@ -6,7 +6,7 @@ import os
 import sys
 
 from dfre.cluster import add_cluster_arguments, client_from_args
-from dfre.featurize import DEFAULT_BATCH_ATOMS, featurize
+from dfre.featurize import DEFAULT_BATCH_ATOMS, check_request, featurize
 from dfre.lock import store_lock
 from dfre.store import Store
 
@@ -108,7 +108,8 @@ def run(args) -> int:
         args.gpu = True
     prefetch = args.prefetch if args.prefetch is not None else (2 if device == "cuda" else 0)
     options = model_options(args)
-    Store.open(args.store, mode="r+")  # a one-line error before any cluster starts
+    # one-line errors (model, weights, layers, store, elements) before a cluster starts
+    check_request(Store.open(args.store, mode="r+"), args.model, layers, options)
     with store_lock(args.store, "dfre featurize"), client_from_args(args) as client:
         torch_threads = args.torch_threads or _default_torch_threads(client)
 
