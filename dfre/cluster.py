@@ -39,6 +39,7 @@ from typing import Any
 import dask
 from distributed import Client, Future, LocalCluster, futures_of, performance_report
 from distributed.diagnostics.progressbar import TextProgressBar
+from distributed.security import Security
 from distributed.utils import is_kernel
 
 from dfre.errors import DfreError
@@ -159,6 +160,7 @@ def connect(
         hint = f"start that scheduler or unset {SCHEDULER_ENV} to use a local cluster"
 
     if address:
+        _require_tls_settings(str(address), where)
         try:
             client = Client(address, timeout=timeout)
         except (OSError, TimeoutError):
@@ -179,6 +181,18 @@ def connect(
     if not quiet:
         print(f"dfre: Dask dashboard: {client.dashboard_link}", file=sys.stderr)
     return client
+
+
+def _require_tls_settings(address: str, where: str) -> None:
+    """A ``tls://`` scheduler needs Dask's TLS settings, which dfre passes through as is."""
+    if not address.startswith("tls://"):
+        return
+    if Security().get_connection_args("client").get("ssl_context") is None:
+        raise DfreError(
+            f"the scheduler at {where} uses TLS but the Dask config has no TLS settings: set "
+            "distributed.comm.tls.ca-file, distributed.comm.tls.client.cert and .client.key "
+            "(e.g. in ~/.config/dask/distributed.yaml)"
+        )
 
 
 def _local_cluster(

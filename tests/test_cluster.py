@@ -13,6 +13,7 @@ must give one-line errors.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import re
 import signal
@@ -22,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -91,11 +93,11 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def start_scheduler(scheduler_file: Path, log) -> subprocess.Popen:
+def start_scheduler(scheduler_file: Path, log, *extra: str) -> subprocess.Popen:
     proc = subprocess.Popen(
         [
             str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
-            "--dashboard-address", ":0", "--scheduler-file", str(scheduler_file),
+            "--dashboard-address", ":0", "--scheduler-file", str(scheduler_file), *extra,
         ],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -502,3 +504,54 @@ def test_cli_info_waits_for_workers(dask_cluster, capsys):
     )  # fmt: skip
     assert code == 2
     assert "only 2 of 3 workers joined" in one_line_error(capsys)
+
+
+def test_tls_settings_of_the_dask_config_pass_through(tmp_path):
+    """A TLS scheduler is reached with Dask's own TLS settings, untouched by dfre."""
+    from distributed.security import Security
+
+    certs = Security.temporary()  # a throw-away CA and certificate
+    files = {}
+    for name, pem in [
+        ("ca", certs.tls_ca_file), ("cert", certs.tls_scheduler_cert),
+        ("key", certs.tls_scheduler_key),
+    ]:  # fmt: skip
+        files[name] = tmp_path / f"{name}.pem"
+        files[name].write_text(pem)
+    tls = ["--tls-ca-file", str(files["ca"]), "--tls-cert", str(files["cert"]),
+           "--tls-key", str(files["key"])]  # fmt: skip
+    scheduler_file = tmp_path / "scheduler.json"
+    with open(tmp_path / "log.txt", "w") as log:
+        procs = [start_scheduler(scheduler_file, log, "--protocol", "tls", *tls)]
+        try:
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(BIN / "dask"),
+                        "worker",
+                        "--scheduler-file",
+                        str(scheduler_file),
+                        "--nthreads",
+                        "1",
+                        "--no-dashboard",
+                        *tls,
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )  # fmt: skip
+            )
+            address = json.loads(scheduler_file.read_text())["address"]
+            assert address.startswith("tls://")
+            with pytest.raises(DfreError, match="uses TLS but the Dask config has no TLS"):
+                cluster.connect(address, timeout=5)
+            settings = {
+                "distributed.comm.tls.ca-file": str(files["ca"]),
+                "distributed.comm.tls.client.cert": str(files["cert"]),
+                "distributed.comm.tls.client.key": str(files["key"]),
+            }
+            with dask.config.set(settings), cluster.connected(address, quiet=True) as client:
+                client.wait_for_workers(1, timeout=60)
+                assert client.submit(operator.add, 1, 2).result(timeout=30) == 3
+        finally:
+            for proc in reversed(procs):
+                stop(proc)
