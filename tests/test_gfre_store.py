@@ -171,6 +171,7 @@ def _data(n=200):
         (None, (np.array([3]), np.arange(10, 20)), "needs at least 2"),
         (None, (np.arange(10), np.array([5000])), "must lie in 0..199"),
         (None, (np.array([1, 1, 2]), np.arange(10, 20)), "duplicates"),
+        (lambda f: [f[0], f[1][:, 0]], None, "must be 2-D"),
     ],
 )
 def test_bad_input_raises_one_line_dfre_error(change, selection, message):

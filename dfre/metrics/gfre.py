@@ -97,15 +97,13 @@ class _FoldModel:
 # ---------------------------------------------------------------------- inputs
 def as_dask(x: Any, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> da.Array:
     """A 2-D dask array over ``x`` (numpy, CuPy or dask), one column chunk."""
+    if not isinstance(x, da.Array) and array_module(x) is np:
+        x = np.asarray(x)
+    if x.ndim != 2:
+        raise DfreError(f"features must be 2-D (rows, features), got shape {x.shape}")
     if isinstance(x, da.Array):
-        arr = x
-    else:
-        xp = array_module(x)
-        x = x if xp is not np else np.asarray(x)
-        arr = da.from_array(x, chunks=(chunk_rows, -1), asarray=False)
-    if arr.ndim != 2:
-        raise DfreError(f"features must be 2-D (rows, features), got shape {arr.shape}")
-    return arr
+        return x
+    return da.from_array(x, chunks=(chunk_rows, -1), asarray=False)
 
 
 def feature_arrays(
