@@ -295,28 +295,67 @@ class Store:
         """Structure ``index`` as an ``ase.Atoms`` with its info."""
         return next(self.iter_atoms([index]))
 
-    def iter_atoms(self, indices: Iterable[int] | None = None) -> Iterator:
-        """Yield structures as ``ase.Atoms``; reads only the rows of those structures."""
-        import ase
+    def iter_atoms(self, indices: Iterable[int] | None = None, *, batch: int = 1024) -> Iterator:
+        """Yield structures as ``ase.Atoms`` with their info, in the order of ``indices``.
 
+        Indices are read ``batch`` at a time: when their rows lie close together (as
+        for consecutive structures) one slice of each array serves the whole batch,
+        otherwise each structure's rows are read on their own.
+        """
         indices = range(self.n_structures) if indices is None else indices
-        s = self.structures
-        keys = self.info_keys()
-        info_arrays = {k: s["info"][k] for k in keys}
-        offsets = self.offsets
+        window: list[int] = []
         for i in indices:
             i = int(i)
             if not 0 <= i < self.n_structures:
                 raise IndexError(f"structure {i} out of range 0..{self.n_structures - 1}")
-            lo, hi = int(offsets[i]), int(offsets[i + 1])
-            atoms = ase.Atoms(
-                numbers=s["numbers"][lo:hi].astype(int),
-                positions=s["positions"][lo:hi],
-                cell=s["cell"][i],
-                pbc=s["pbc"][i],
+            window.append(i)
+            if len(window) == batch:
+                yield from self._atoms_batch(window)
+                window = []
+        if window:
+            yield from self._atoms_batch(window)
+
+    def _atoms_batch(self, indices: list[int]) -> Iterator:
+        import ase
+
+        s = self.structures
+        offsets = self.offsets
+        info_arrays = {k: s["info"][k] for k in self.info_keys()}
+        idx = np.asarray(indices, dtype=np.int64)
+        s_lo, s_hi = int(idx.min()), int(idx.max()) + 1
+        a_lo, a_hi = int(offsets[s_lo]), int(offsets[s_hi])
+        wanted = int((offsets[idx + 1] - offsets[idx]).sum())
+        if a_hi - a_lo <= max(4 * wanted, 2 * self.chunk_atoms):
+            # rows close together: one slice of every array
+            structures = np.arange(s_lo, s_hi)
+            numbers = np.asarray(s["numbers"][a_lo:a_hi])
+            positions = np.asarray(s["positions"][a_lo:a_hi])
+            cells, pbcs = np.asarray(s["cell"][s_lo:s_hi]), np.asarray(s["pbc"][s_lo:s_hi])
+            info = {k: np.asarray(a[s_lo:s_hi]) for k, a in info_arrays.items()}
+        else:
+            # scattered: orthogonal selections decode each touched chunk once
+            structures = np.unique(idx)
+            rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in structures])
+            numbers = np.asarray(s["numbers"].oindex[rows])
+            positions = np.asarray(s["positions"].oindex[rows, :])
+            cells, pbcs = (
+                np.asarray(s["cell"].oindex[structures]),
+                np.asarray(s["pbc"].oindex[structures]),
             )
-            for k, arr in info_arrays.items():
-                value = np.asarray(arr[i]).item()
+            info = {k: np.asarray(a.oindex[structures]) for k, a in info_arrays.items()}
+        counts = offsets[structures + 1] - offsets[structures]
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        for i in indices:
+            j = int(np.searchsorted(structures, i))
+            lo, hi = int(starts[j]), int(starts[j + 1])
+            atoms = ase.Atoms(
+                numbers=numbers[lo:hi].astype(int),
+                positions=positions[lo:hi],
+                cell=cells[j],
+                pbc=pbcs[j],
+            )
+            for k, column in info.items():
+                value = np.asarray(column[j]).item()
                 if value == "" or (isinstance(value, float) and np.isnan(value)):
                     continue
                 atoms.info[k] = value

@@ -152,3 +152,26 @@ def test_append_refused_once_features_exist(sample_store_copy, tmp_path, capsys)
     assert main(["ingest", str(xyz), "--store", sample_store_copy]) == 2
     assert "add the structures to a new store" in capsys.readouterr().err
     assert Store.open(sample_store_copy).n_atoms == n_atoms
+
+
+@pytest.mark.parametrize("order", [[0, 26, 13, 26, 5], list(range(27)), [20, 21, 19]])
+def test_iter_atoms_matches_the_arrays(sample_store, order):
+    store = Store.open(sample_store)
+    offsets = store.offsets
+    numbers, positions = store.numbers(), store.positions().compute()
+    energy, subset = store.info("energy"), store.subsets()
+    got = list(store.iter_atoms(order, batch=4))
+    assert len(got) == len(order)
+    for i, atoms in zip(order, got, strict=True):
+        lo, hi = offsets[i], offsets[i + 1]
+        assert atoms.numbers.tolist() == numbers[lo:hi].tolist()
+        np.testing.assert_array_equal(atoms.positions, positions[lo:hi])
+        np.testing.assert_array_equal(atoms.cell[:], store.cells()[i])
+        assert atoms.pbc.tolist() == store.pbcs()[i].tolist()
+        assert atoms.info["subset"] == subset[i]
+        if np.isnan(energy[i]):
+            assert "energy" not in atoms.info
+        else:
+            assert atoms.info["energy"] == energy[i]
+    with pytest.raises(IndexError):
+        next(store.iter_atoms([store.n_structures]))
