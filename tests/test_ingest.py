@@ -44,6 +44,8 @@ def _structures() -> list[Atoms]:
                 "stress_like": np.ones(3),  # not scalar: not stored
             }
         )
+        if i % 2 == 0:
+            atoms.info["REF_energy"] = -3.0 - i  # kept as it is, beside the energy
         atoms.calc = SinglePointCalculator(
             atoms, energy=float(rng.normal()), forces=rng.normal(size=(len(atoms), 3))
         )
@@ -116,6 +118,7 @@ def test_round_trip_multi_frame_formats(tmp_path, fmt, suffix):
     assert store.info("source").tolist() == [str(path)] * 5
     assert store.info("frame").tolist() == [0, 1, 2, 3, 4]
     assert "stress_like" not in store.info_keys()
+    np.testing.assert_array_equal(store.info("REF_energy"), [-3.0, np.nan, -5.0, np.nan, -7.0])
     record = store.provenance[0]
     assert record["complete"] and record["frames_done"] == 5 and record["format"] == fmt
     assert record["size"] == os.path.getsize(path) and len(record["sha256"]) == 64

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 
 from dfre.store import DEFAULT_CHUNK_ATOMS
 
@@ -48,7 +50,30 @@ def run(args: argparse.Namespace) -> int:
             subset_key=args.subset_key,
             chunk_atoms=args.chunk_atoms,
             log=print,
+            progress=_Progress(),
         )
     store = Store.open(args.store)
     print(f"{store.path}: {store.n_structures} structures, {store.n_atoms} atoms")
     return 0
+
+
+class _Progress:
+    """Print a progress line to stderr at most every ``every`` seconds."""
+
+    def __init__(self, every: float = 10.0):
+        self.every = every
+        self.start = self.last = time.monotonic()
+        self.path = None
+
+    def __call__(self, path: str, frames_done: int, atoms_added: int) -> None:
+        now = time.monotonic()
+        if path != self.path:  # rates are per file
+            self.path, self.start = path, now
+        if now - self.last >= self.every:
+            rate = 60 * atoms_added / max(now - self.start, 1e-9)
+            print(
+                f"dfre: {path}: {frames_done} structures committed "
+                f"({atoms_added} atoms, {rate / 1e6:.2f} M atoms/min)",
+                file=sys.stderr,
+            )
+            self.last = now

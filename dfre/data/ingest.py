@@ -159,7 +159,7 @@ def structure_info(atoms, subset_key: str | None, stem: str) -> dict:
             value = float(value)
         if isinstance(value, str | Number) and not isinstance(value, complex):
             key = str(key).replace("/", "_")
-            if key and not key.startswith("__"):
+            if key not in ("", ".", "..") and not key.startswith("__"):
                 info[RESERVED.get(key, key)] = value
     calc = getattr(atoms, "calc", None)
     energy = getattr(calc, "results", {}).get("energy") if calc is not None else None
@@ -200,12 +200,14 @@ def ingest(
     subset_key: str | None = None,
     chunk_atoms: int = DEFAULT_CHUNK_ATOMS,
     log: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> list[IngestReport]:
     """Append the structures of ``files`` to ``store`` (created if absent).
 
     ``chunk_atoms`` sets the chunk size of a new store and the batch size of the
-    appends (one commit per batch). ``log`` receives one line per file. Returns one
-    :class:`IngestReport` per file. See the module docstring for resumption and errors.
+    appends (one commit per batch). ``log`` receives one line per file;
+    ``progress(path, frames_done, atoms_added)`` is called after every commit. Returns
+    one :class:`IngestReport` per file. See the module docstring for resumption and errors.
     """
     if chunk_atoms < 1:
         raise DfreError(f"--chunk-atoms must be a positive number, not {chunk_atoms}")
@@ -224,7 +226,7 @@ def ingest(
     reports = []
     try:
         for path, fmt in zip(paths, formats, strict=True):
-            report = _ingest_file(store, path, fmt, subset_key, chunk_atoms)
+            report = _ingest_file(store, path, fmt, subset_key, chunk_atoms, progress)
             reports.append(report)
             if log is not None:
                 log(str(report))
@@ -243,7 +245,12 @@ def _exists(path: str) -> bool:
 
 
 def _ingest_file(
-    store: Store, path: str, fmt: str, subset_key: str | None, batch_atoms: int
+    store: Store,
+    path: str,
+    fmt: str,
+    subset_key: str | None,
+    batch_atoms: int,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> IngestReport:
     identity = file_identity(path)
     record = next((r for r in store.provenance if r.get("source") == path), None)
@@ -280,6 +287,8 @@ def _ingest_file(
         done += len(frames)
         added_atoms += block.n_atoms
         frames, infos, batch_count = [], [], 0
+        if progress is not None:
+            progress(path, done, added_atoms)
 
     reader = _frames_checked(path, fmt, start)
     for index, atoms in reader:
