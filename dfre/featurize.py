@@ -24,8 +24,9 @@ reported with the reason; the run continues.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,6 +158,46 @@ def read_frames(store: Store, s_lo: int, s_hi: int) -> list:
     return frames
 
 
+def build_graphs(
+    extractor: FeatureExtractor, items: Sequence[tuple[int, Any]]
+) -> tuple[list[tuple[int, Any]], dict[int, str]]:
+    """Graphs of ``(position, atoms)`` items, and the reasons of those that have none."""
+    graphs, reasons = [], {}
+    for position, atoms in items:
+        try:
+            graphs.append((position, extractor.graph(atoms)))
+        except Unsupported as error:
+            reasons[position] = str(error)
+    return graphs, reasons
+
+
+def _build_graphs_in_process(load_args: tuple[str, dict], items) -> tuple[list, dict]:
+    """:func:`build_graphs` in a graph-builder process (which loads the model once)."""
+    name, options = load_args
+    return build_graphs(load_extractor(name, "cpu", **options), items)
+
+
+_PROCESS_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def graph_process_pool(n: int) -> ProcessPoolExecutor:
+    """A pool of ``n`` spawned processes that build graphs, one per (Dask worker) process.
+
+    Processes cannot be started from daemonic processes, which Dask worker processes
+    are by default: start the workers with ``distributed.worker.daemon: false``.
+    """
+    import multiprocessing
+
+    if multiprocessing.current_process().daemon:
+        raise DfreError(
+            "graph-builder processes need non-daemonic Dask workers: set the Dask config "
+            "distributed.worker.daemon to false (dfre featurize does so for --graph-processes)"
+        )
+    if n not in _PROCESS_POOLS:
+        _PROCESS_POOLS[n] = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+    return _PROCESS_POOLS[n]
+
+
 def featurize_frames(
     extractor: FeatureExtractor,
     frames: Sequence[Any],
@@ -164,13 +205,17 @@ def featurize_frames(
     *,
     batch_atoms: int = DEFAULT_BATCH_ATOMS,
     prefetch: int = 0,
+    graph_processes: int = 0,
     dims: dict[str, int] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, dict[int, str]]:
     """Features of ``frames`` in batches, tolerating structures the model cannot handle.
 
     Returns (layer -> float32 rows of all atoms, NaN for masked structures;
-    boolean row mask; structure position -> reason). With ``prefetch > 0`` the
-    graphs are built by that many threads ahead of the forward pass.
+    boolean row mask; structure position -> reason). The graphs of the next batches
+    are built while the model runs on the current one: by ``prefetch`` threads, or by
+    ``graph_processes`` processes (for GPUs, where graph building on one core cannot
+    keep up with the forward pass); ``max(prefetch, 2 * graph_processes)`` batches are
+    built ahead. With neither, graphs are built just before each forward pass.
     """
     counts = np.array([len(a) for a in frames], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)])
@@ -186,23 +231,40 @@ def featurize_frames(
             ok.append(position)
         else:
             reasons[position] = reason
+    groups = [
+        [(ok[i], frames[ok[i]]) for i in group]
+        for group in batches_by_atoms(counts[ok], batch_atoms)
+    ]
 
-    def build(group: list[int]) -> list[tuple[int, Any]]:
-        graphs = []
-        for position in group:
-            try:
-                graphs.append((position, extractor.graph(frames[position])))
-            except Unsupported as error:
-                reasons[position] = str(error)
-        return graphs
+    threads = None
+    if graph_processes > 0:
+        pool = graph_process_pool(graph_processes)
+        load_args = getattr(extractor, "load_args", None)
+        if load_args is None:
+            raise DfreError(f"model {extractor.name} was not loaded by load_extractor")
 
-    groups = batches_by_atoms(counts[ok], batch_atoms)
-    groups = [[ok[i] for i in group] for group in groups]
-    pool = ThreadPoolExecutor(prefetch) if prefetch > 0 else None
+        def submit(items):
+            return pool.submit(_build_graphs_in_process, load_args, items)
+
+    elif prefetch > 0:
+        threads = ThreadPoolExecutor(prefetch)
+
+        def submit(items):
+            return threads.submit(build_graphs, extractor, items)
+
+    else:
+        submit = None
+    ahead = max(prefetch, 2 * graph_processes)
+    pending: deque = deque()
     try:
-        pending = [pool.submit(build, g) for g in groups] if pool else None
         for index, group in enumerate(groups):
-            built = pending[index].result() if pending else build(group)
+            if submit is None:
+                built, failed = build_graphs(extractor, group)
+            else:
+                while len(pending) < ahead and index + len(pending) < len(groups):
+                    pending.append(submit(groups[index + len(pending)]))
+                built, failed = pending.popleft().result()
+            reasons.update(failed)
             if not built:
                 continue
             result = _forward_or_isolate(extractor, built, layers, reasons)
@@ -218,8 +280,10 @@ def featurize_frames(
                     )
                 out[layer][rows] = values
     finally:
-        if pool:
-            pool.shutdown(wait=True, cancel_futures=True)
+        for future in pending:
+            future.cancel()
+        if threads is not None:
+            threads.shutdown(wait=True, cancel_futures=True)
     for position in reasons:
         mask[starts[position] : starts[position + 1]] = True
     return out, mask, reasons
@@ -263,6 +327,7 @@ def featurize_unit(
     options: dict | None = None,
     batch_atoms: int = DEFAULT_BATCH_ATOMS,
     prefetch: int = 0,
+    graph_processes: int = 0,
     torch_threads: int | None = None,
 ) -> dict:
     """The Dask task: featurize one write unit and record it done after the write.
@@ -280,6 +345,7 @@ def featurize_unit(
         layers,
         batch_atoms=batch_atoms,
         prefetch=prefetch,
+        graph_processes=graph_processes,
         dims={layer: group[layer].shape[1] for layer in layers},
     )
     own = slice(unit.row_lo - unit.first_row, unit.row_hi - unit.first_row)
@@ -325,6 +391,7 @@ def featurize(
     options: dict | None = None,
     chunk_atoms: int | None = None,
     prefetch: int = 0,
+    graph_processes: int = 0,
     torch_threads: int | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> FeaturizeReport:
@@ -342,6 +409,8 @@ def featurize(
     chunk_atoms: rows per Zarr chunk of new feature arrays (one chunk = the smallest
         unit of work); default: the store's chunk size. Existing arrays keep theirs.
     prefetch: threads that build neighbour graphs ahead of the forward pass.
+    graph_processes: processes per worker that build the graphs ahead of the forward
+        pass (for GPU workers; needs non-daemonic workers, see :func:`graph_process_pool`).
     torch_threads: intra-op torch threads per worker (default: torch's choice).
     progress: called with each finished task's result dict.
 
@@ -407,6 +476,7 @@ def featurize(
             options=options,
             batch_atoms=batch_atoms,
             prefetch=prefetch,
+            graph_processes=graph_processes,
             torch_threads=torch_threads,
             dask_key_name=f"featurize-{name}-{unit.c_lo}-{unit.c_hi}-{time.time_ns()}",
         )

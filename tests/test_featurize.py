@@ -278,3 +278,16 @@ def test_library_bad_inputs(tmp_path):
     featurize(path, "chgnet-0.3.0", name="mine", layers=["ll"])
     with pytest.raises(DfreError, match="feature set mine/ll .* was made with other weights"):
         featurize(path, "chgnet-r2scan", name="mine", layers=["ll"])
+
+
+def test_graphs_built_ahead_by_threads_or_processes_give_the_same_features():
+    from dfre.featurize import featurize_frames
+
+    extractor = load_extractor("chgnet-0.3.0")
+    frames = mixed_frames()
+    plain = featurize_frames(extractor, frames, ["ll"], batch_atoms=6)
+    for kwargs in ({"prefetch": 2}, {"graph_processes": 1}):
+        ahead = featurize_frames(extractor, frames, ["ll"], batch_atoms=6, **kwargs)
+        np.testing.assert_allclose(ahead[0]["ll"], plain[0]["ll"], atol=TOL, equal_nan=True)
+        np.testing.assert_array_equal(ahead[1], plain[1])
+        assert ahead[2] == plain[2] and set(plain[2]) == set(MASKED)

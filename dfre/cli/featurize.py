@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+import dask
+
 from dfre.cluster import add_cluster_arguments, client_from_args
 from dfre.featurize import DEFAULT_BATCH_ATOMS, check_request, featurize
 from dfre.lock import store_lock
@@ -66,7 +68,15 @@ def add_parser(subparsers) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="threads building graphs ahead of the forward pass (default: 2 on cuda, 0 on cpu)",
+        help="batches whose graphs are built ahead by threads (default: 2 on cuda, 0 on cpu)",
+    )
+    p.add_argument(
+        "--graph-processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes per worker building graphs ahead of the forward pass "
+        "(default: CPU cores - 2 on cuda, 0 on cpu; starts non-daemonic workers)",
     )
     p.add_argument(
         "--torch-threads",
@@ -107,10 +117,19 @@ def run(args) -> int:
     if device == "cuda" and args.gpu is None:
         args.gpu = True
     prefetch = args.prefetch if args.prefetch is not None else (2 if device == "cuda" else 0)
+    graph_processes = args.graph_processes
+    if graph_processes is None:
+        graph_processes = max(1, min(8, (os.cpu_count() or 1) - 2)) if device == "cuda" else 0
     options = model_options(args)
     # one-line errors (model, weights, layers, store, elements) before a cluster starts
     check_request(Store.open(args.store, mode="r+"), args.model, layers, options)
-    with store_lock(args.store, "dfre featurize"), client_from_args(args) as client:
+    # worker processes may start graph-builder processes only if they are not daemonic
+    daemon = {"distributed.worker.daemon": graph_processes == 0}
+    with (
+        store_lock(args.store, "dfre featurize"),
+        dask.config.set(daemon),
+        client_from_args(args) as client,
+    ):
         torch_threads = args.torch_threads or _default_torch_threads(client)
 
         def progress(result: dict) -> None:
@@ -129,6 +148,7 @@ def run(args) -> int:
             device=device,
             options=options,
             prefetch=prefetch,
+            graph_processes=graph_processes,
             torch_threads=torch_threads,
             progress=progress,
         )

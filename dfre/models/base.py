@@ -254,7 +254,9 @@ def load_extractor(name: str, device: str = "cpu", **options: Any) -> FeatureExt
                     f"model {name} needs the Python package '{spec.package}', which is not "
                     f"installed: {spec.install_hint}"
                 )
-            _CACHE[key] = spec.loader(device=device, **options)
+            extractor = spec.loader(device=device, **options)
+            extractor.load_args = (name, dict(options))  # to load it again elsewhere
+            _CACHE[key] = extractor
         return _CACHE[key]
 
 
