@@ -124,3 +124,33 @@ def test_cli_sample_and_info(tmp_path, capsys):
     assert f"atoms       {store.n_atoms}" in out and "random-alloys" in out
     assert main(["sample", "--store", path, "--atoms", "0"]) == 2
     assert "--atoms must be a positive" in capsys.readouterr().err
+
+
+def test_interrupted_sample_resumes_and_repeats_do_nothing(tmp_path):
+    n_atoms = 16384 + 500  # two segments, each committed on its own with small chunks
+    whole, resumed = tmp_path / "whole.zarr", tmp_path / "resumed.zarr"
+    write_sample(whole, n_atoms, seed=8, chunk_atoms=1000, energies=False)
+
+    def stop_after_first_commit(n_written):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_sample(
+            resumed,
+            n_atoms,
+            seed=8,
+            chunk_atoms=1000,
+            energies=False,
+            progress=stop_after_first_commit,
+        )
+    partial = Store.open(resumed)
+    assert 0 < partial.n_atoms < n_atoms
+    assert partial.provenance[0]["complete"] is False
+    write_sample(resumed, n_atoms, seed=8, energies=False)
+    _assert_same(_arrays(resumed), _arrays(whole))
+    assert Store.open(resumed).provenance == Store.open(whole).provenance
+
+    lines = []
+    write_sample(resumed, n_atoms, seed=8, energies=False, log=lines.append)
+    assert "nothing to do" in lines[0]
+    _assert_same(_arrays(resumed), _arrays(whole))

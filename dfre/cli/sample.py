@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             args.seed,
             chunk_atoms=args.chunk_atoms,
             energies=args.energies,
+            log=print,
         )
     print(f"{store.path}: {store.n_structures} structures, {store.n_atoms} atoms")
     return 0

@@ -313,6 +313,7 @@ def write_sample(
     chunk_atoms: int = DEFAULT_CHUNK_ATOMS,
     energies: bool = True,
     progress=None,
+    log=None,
 ) -> Store:
     """Append the sample dataset of at least ``n_atoms`` atoms (seed ``seed``) to ``store``.
 
@@ -321,8 +322,10 @@ def write_sample(
     if one is running), a few at a time, and appended in order, in batches of about one
     chunk; so memory stays bounded and the result does not depend on the scheduler.
     Per-structure info: ``subset``, ``energy``, ``source`` and ``frame`` (index in the
-    sample). The run is recorded in the provenance. ``progress(n_atoms_written)`` is
-    called after each committed batch.
+    sample). The run is recorded in the provenance, batch by batch: the same call on a
+    store that already holds this sample does nothing, and after an interruption it
+    resumes at the first segment not committed. ``progress(n_atoms_written)`` is called
+    after each committed batch, ``log(line)`` with a line when there is nothing to do.
     """
     import dask
 
@@ -330,12 +333,20 @@ def write_sample(
         raise DfreError(f"--atoms must be a positive number of atoms, not {n_atoms}")
     if not isinstance(store, Store):
         store = Store.open_or_create(store, chunk_atoms=chunk_atoms)
-    source = f"{SOURCE} seed={seed} atoms={n_atoms}"
+    source = f"{SOURCE} seed={seed} atoms={n_atoms}" + ("" if energies else " no-energies")
     record = {"source": source, "format": "dfre-sample", "seed": int(seed), "complete": False}
+    previous = next((r for r in store.provenance if r.get("source") == source), None)
+    if previous is not None and previous.get("complete"):
+        if log is not None:
+            log(f"{store.path} already holds the sample '{source}': nothing to do")
+        return store
     targets = segment_targets(n_atoms)
     window = max(2, 2 * _n_workers())
     pending: list[StructureBlock] = []
-    frames = done = 0
+    frames = done = segments = 0
+    if previous is not None:  # resume after an interrupted run
+        frames, done = int(previous["frames_done"]), int(previous["atoms_done"])
+        segments = int(previous["segments_done"])
 
     def flush(last: bool) -> None:
         nonlocal frames, done, pending
@@ -343,28 +354,22 @@ def write_sample(
         block.info["frame"] = list(range(frames, frames + block.n_structures))
         frames += block.n_structures
         done += block.n_atoms
-        progress_record = {"frames_done": frames, "atoms_done": done, "complete": last}
-        store.append(block, provenance={**record, **progress_record})
+        counts = {"frames_done": frames, "atoms_done": done, "segments_done": segments}
+        store.append(block, provenance={**record, **counts, "complete": last})
         pending = []
         if progress is not None:
             progress(done)
 
     make = dask.delayed(_segment_block, pure=True)
-    for start in range(0, len(targets), window):
-        tasks = [
-            make(seed, k, targets[k], energies)
-            for k in range(start, min(start + window, len(targets)))
-        ]
-        for block in dask.compute(*tasks):
+    for first in range(segments, len(targets), window):
+        ks = range(first, min(first + window, len(targets)))
+        for block in dask.compute(*[make(seed, k, targets[k], energies) for k in ks]):
             pending.append(block)
-            if sum(b.n_atoms for b in pending) >= store.chunk_atoms:
+            segments += 1
+            if sum(b.n_atoms for b in pending) >= store.chunk_atoms and segments < len(targets):
                 flush(last=False)
     if pending:
         flush(last=True)
-    else:
-        others = [r for r in store.provenance if r.get("source") != source]
-        final = {**record, "frames_done": frames, "atoms_done": done, "complete": True}
-        store.commit({"provenance": [*others, final]})
     return store
 
 
