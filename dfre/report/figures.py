@@ -43,7 +43,8 @@ def heatmap(
     """A heat map of ``values`` (len(rows), len(columns)) with each value in its cell."""
     values = np.asarray(values, dtype=np.float64)
     n_rows, n_cols = values.shape
-    fig, ax = plt.subplots(figsize=(1.6 + 0.75 * max(n_cols, 2), 1.4 + 0.55 * max(n_rows, 2)))
+    width = max(1.6 + 0.75 * max(n_cols, 2), 1.5 + 0.085 * len(title))  # room for the title
+    fig, ax = plt.subplots(figsize=(width, 1.4 + 0.55 * max(n_rows, 2)))
     finite = values[np.isfinite(values)]
     vmax = max(1.0, float(finite.max())) if finite.size else 1.0
     image = ax.imshow(values, cmap="viridis_r", vmin=0.0, vmax=vmax, aspect="auto")
