@@ -58,6 +58,7 @@ class GroupStatistics:
     mean: Any
     second: Any
     nonfinite: Any
+    shift: Any = None  # the means are those of the rows minus ``shift`` (D,)
 
     def to_numpy(self) -> GroupStatistics:
         return GroupStatistics(
@@ -66,6 +67,7 @@ class GroupStatistics:
             to_numpy(self.mean),
             to_numpy(self.second),
             to_numpy(self.nonfinite),
+            None if self.shift is None else to_numpy(self.shift),
         )
 
     def scatter(self, g: int) -> np.ndarray:
@@ -80,7 +82,12 @@ class GroupStatistics:
     def select(self, groups: list[int]) -> GroupStatistics:
         """The statistics of ``groups`` only."""
         return GroupStatistics(
-            self.kind, self.count[groups], self.mean[groups], self.second[groups], self.nonfinite
+            self.kind,
+            self.count[groups],
+            self.mean[groups],
+            self.second[groups],
+            self.nonfinite,
+            self.shift,
         )
 
     def union(self, groups: list[int]) -> GroupStatistics:
@@ -133,8 +140,10 @@ def _merge_for(kind: str):
     return tsqr_part, tsqr_merge
 
 
-def chunk_statistics(block, labels: np.ndarray, n_values: int, kind: str) -> GroupStatistics:
-    """Statistics of every group over one chunk of rows.
+def chunk_statistics(
+    block, labels: np.ndarray, n_values: int, kind: str, shift: np.ndarray | None = None
+) -> GroupStatistics:
+    """Statistics of every group over one chunk of rows (minus ``shift``, if given).
 
     ``labels`` (L, rows) holds per label layer the group value of each row in
     ``0..n_values-1`` or -1 (row unused in that layer); group ``l * n_values + v``.
@@ -154,6 +163,8 @@ def chunk_statistics(block, labels: np.ndarray, n_values: int, kind: str) -> Gro
             for lo in range(0, len(rows), step):
                 idx = rows[lo : lo + step]
                 z = xp.take(block, xp.asarray(idx), axis=0).astype(np.float64)
+                if shift is not None:
+                    z -= xp.asarray(shift)
                 acc = merge(acc, part(z))
             results.append(acc)
     for _, mean, _ in results:  # a non-finite value makes its column's mean non-finite
@@ -161,7 +172,9 @@ def chunk_statistics(block, labels: np.ndarray, n_values: int, kind: str) -> Gro
             z = block[xp.asarray(used)]
             nonfinite += (~xp.isfinite(z)).sum(axis=0)
             break
-    return _stack(kind, results, nonfinite, xp)
+    stats = _stack(kind, results, nonfinite, xp)
+    stats.shift = shift
+    return stats
 
 
 def _stack(kind, results, nonfinite, xp) -> GroupStatistics:
@@ -189,7 +202,9 @@ def merge_statistics(*parts: GroupStatistics) -> GroupStatistics:
             acc = merge(acc, (float(p.count[g]), p.mean[g], p.second[g]))
         results.append(acc)
     nonfinite = sum(p.nonfinite for p in parts[1:]) + first.nonfinite
-    return _stack(first.kind, results, nonfinite, xp)
+    merged = _stack(first.kind, results, nonfinite, xp)
+    merged.shift = first.shift
+    return merged
 
 
 def group_statistics(
@@ -200,7 +215,9 @@ def group_statistics(
     The per-chunk results are merged by a tree of fan-in :data:`TREE_FAN_IN` (less when
     ``fan_in`` partial results would exceed :data:`MERGE_BUDGET_BYTES`) and computed
     with the active Dask scheduler (the current ``distributed.Client`` if there is one).
-    The result is on the host (numpy).
+    The result is on the host (numpy). Every row is first shifted by one data row (read
+    before the pass) so that a large common offset of the features costs no accuracy;
+    the means are those of the shifted rows (``result.shift``).
     """
     if solver not in ("gram", "tsqr"):
         raise ValueError(f"unknown solver {solver!r}")
@@ -208,12 +225,14 @@ def group_statistics(
     if labels.ndim == 1:
         labels = labels[None]
     Z = Z.rechunk({1: -1})
+    used = np.flatnonzero((labels >= 0).any(axis=0))
+    shift = to_numpy(Z[int(used[0]) if len(used) else 0].compute()).astype(np.float64)
     blocks = Z.to_delayed().ravel()
     bounds = np.cumsum((0, *Z.chunks[0]))
     chunk = dask.delayed(chunk_statistics, pure=True)
     merge = dask.delayed(merge_statistics, pure=True)
     parts = [
-        chunk(blk, labels[:, lo:hi], n_values, solver)
+        chunk(blk, labels[:, lo:hi], n_values, solver, shift)
         for blk, lo, hi in zip(blocks, bounds[:-1], bounds[1:], strict=True)
     ]
     n_groups = labels.shape[0] * n_values

@@ -30,11 +30,15 @@ EPS = np.finfo(np.float64).eps
 
 @dataclass
 class FlexibleScaling:
-    """Train mean (D,) of the concatenated sets and one global scale per set (M,)."""
+    """Train mean (D,) of the concatenated sets minus ``shift`` and one scale per set (M,).
+
+    A row ``z`` scales to ``(z - shift - mean) / column_scale``.
+    """
 
     mean: np.ndarray
     scale: np.ndarray
     slices: list[slice]
+    shift: np.ndarray | None = None
 
     @property
     def column_scale(self) -> np.ndarray:
@@ -51,6 +55,7 @@ def flexible_scaling(
     scatter_diag: np.ndarray,
     slices: Sequence[slice],
     names: Sequence[str],
+    shift: np.ndarray | None = None,
 ) -> FlexibleScaling:
     """Fit the scaler of every feature set from the train count, mean and scatter diagonal."""
     scales = []
@@ -62,7 +67,9 @@ def flexible_scaling(
                 f"{var_sum:.3g}): it cannot be scaled; drop it or check how it was computed"
             )
         scales.append(np.sqrt(var_sum))
-    return FlexibleScaling(np.asarray(mean, dtype=np.float64), np.array(scales), list(slices))
+    mean = np.asarray(mean, dtype=np.float64)
+    shift = np.zeros_like(mean) if shift is None else np.asarray(shift, dtype=np.float64)
+    return FlexibleScaling(mean, np.array(scales), list(slices), shift)
 
 
 @dataclass

@@ -204,7 +204,9 @@ def _fit_fold(stats, k, names, slices, settings, pairs, dist_pairs, solver) -> _
     base = GROUPS_PER_FOLD * k
     train = stats.union([base + FOLD1, base + FOLD2])
     n_train, mean_train, second_train = train.group(0)
-    scaling = flexible_scaling(n_train, mean_train, np.diag(train.scatter(0)), slices, names)
+    scaling = flexible_scaling(
+        n_train, mean_train, np.diag(train.scatter(0)), slices, names, stats.shift
+    )
     f1, f2, fte = (
         scaled_factor(solver, *stats.group(base + g), scaling) for g in (FOLD1, FOLD2, TEST)
     )
@@ -250,13 +252,19 @@ def _cka(stats: GroupStatistics, slices) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- pointwise pass
-def _pointwise_chunk(block, rows, mean, column_scale, slices, pairs, weights, n_sets):
+def _scaled_rows(block, rows, scaling):
+    xp = array_module(block)
+    z = block[xp.asarray(rows)].astype(np.float64) - xp.asarray(scaling.shift)
+    return (z - xp.asarray(scaling.mean)) / xp.asarray(scaling.column_scale)
+
+
+def _pointwise_chunk(block, rows, scaling, slices, pairs, weights, n_sets):
     """Per-environment error norms (M, M, len(rows)) of one chunk's test rows."""
     xp = array_module(block)
     out = np.full((n_sets, n_sets, len(rows)), np.nan)
     if not len(rows):
         return out
-    z = (block[xp.asarray(rows)].astype(np.float64) - xp.asarray(mean)) / xp.asarray(column_scale)
+    z = _scaled_rows(block, rows, scaling)
     for a, b in pairs:
         w = xp.asarray(weights[a, b])
         err = z[:, slices[b]] - z[:, slices[a]] @ w
@@ -264,12 +272,12 @@ def _pointwise_chunk(block, rows, mean, column_scale, slices, pairs, weights, n_
     return out
 
 
-def _pointwise_distortion_chunk(block, rows, mean, column_scale, slices, pairs, diff, n_sets):
+def _pointwise_distortion_chunk(block, rows, scaling, slices, pairs, diff, n_sets):
     xp = array_module(block)
     out = np.full((n_sets, n_sets, len(rows)), np.nan)
     if not len(rows):
         return out
-    z = (block[xp.asarray(rows)].astype(np.float64) - xp.asarray(mean)) / xp.asarray(column_scale)
+    z = _scaled_rows(block, rows, scaling)
     for a, b in pairs:
         err = z[:, slices[a]] @ xp.asarray(diff[a, b])
         out[a, b] = to_numpy(xp.sqrt((err**2).sum(axis=1)))
@@ -283,8 +291,7 @@ def _pointwise_pass(Z, labels, models, slices, pairs, n_sets, dist_pairs):
     bounds = np.cumsum((0, *Z.chunks[0]))
     errors, distortions = [], []
     for k, model in enumerate(models):
-        mean = model.scaling.mean
-        cscale = model.scaling.column_scale
+        scaling = dask.delayed(model.scaling)
         w = dask.delayed(model.weights)
         diff = dask.delayed({p: model.weights[p] - model.distortion_weights[p] for p in dist_pairs})
         for blk, lo, hi in zip(blocks, bounds[:-1], bounds[1:], strict=True):
@@ -292,12 +299,12 @@ def _pointwise_pass(Z, labels, models, slices, pairs, n_sets, dist_pairs):
             if not len(rows):
                 continue
             errors.append(
-                dask.delayed(_pointwise_chunk)(blk, rows, mean, cscale, slices, pairs, w, n_sets)
+                dask.delayed(_pointwise_chunk)(blk, rows, scaling, slices, pairs, w, n_sets)
             )
             if dist_pairs:
                 distortions.append(
                     dask.delayed(_pointwise_distortion_chunk)(
-                        blk, rows, mean, cscale, slices, dist_pairs, diff, n_sets
+                        blk, rows, scaling, slices, dist_pairs, diff, n_sets
                     )
                 )
     errors, distortions = dask.compute(errors, distortions)
@@ -432,8 +439,8 @@ def gfre_store(
 
     st = store if isinstance(store, Store) else Store.open(store, mode="r+")
     names = list(names)
-    if len(names) < 1:
-        raise DfreError("give at least one feature set")
+    if len(names) < 2:
+        raise DfreError(f"give at least two feature sets to compare (got {names})")
     if len(set(names)) != len(names):
         raise DfreError(f"feature sets are repeated in {names}: give each once")
     arrays = [st.features(name) for name in names]  # unknown names raise here
