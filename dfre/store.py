@@ -140,14 +140,16 @@ class Store:
                 raise DfreError(
                     f"store path {path} is a file, not a Zarr store: give a directory path"
                 )
-            if os.listdir(path):
+            if not _is_empty_dir(path):
                 raise DfreError(
                     f"cannot create a store at {path}: the directory is not empty; "
                     "choose a new path or remove it"
                 )
         if chunk_atoms < 1 or chunk_structures < 1:
             raise DfreError("chunk sizes must be positive integers")
-        group = zarr.open_group(store=path, mode="w-", zarr_format=3)
+        # a folder holding only bookkeeping files (the write lock) is taken as it is
+        mode = "a" if not _is_url(path) and _is_empty_dir(path) else "w-"
+        group = zarr.open_group(store=path, mode=mode, zarr_format=3)
         s = group.create_group("structures")
         s.create_array("numbers", shape=(0,), chunks=(chunk_atoms,), dtype="int16")
         s.create_array("positions", shape=(0, 3), chunks=(chunk_atoms, 3), dtype="float64")
@@ -661,8 +663,13 @@ class Store:
         }
 
 
+#: Files a command may put into a store directory before the store exists.
+_BOOKKEEPING_FILES = {".dfre.lock"}
+
+
 def _is_empty_dir(path: str) -> bool:
-    return os.path.isdir(path) and not os.listdir(path)
+    """A directory holding nothing but bookkeeping files (e.g. the write lock)."""
+    return os.path.isdir(path) and not set(os.listdir(path)) - _BOOKKEEPING_FILES
 
 
 def _as_float(value: Any, key: str) -> float:

@@ -366,3 +366,22 @@ def test_killed_ingest_resumes_without_duplicates(tmp_path):
 def test_ingest_refuses_nothing_to_do():
     with pytest.raises(DfreError, match="no input files"):
         ingest([], "unused.zarr")
+
+
+def test_ingest_and_sample_into_an_existing_empty_folder(tmp_path, capsys):
+    good = _write_text(tmp_path / "good.xyz", GOOD_FRAME * 2)
+    for command in (["ingest", good], ["sample", "--atoms", "50"]):
+        folder = tmp_path / f"{command[0]}.zarr"
+        folder.mkdir()  # the write lock goes in there before the store is created
+        assert main([*command, "--store", str(folder)]) == 0, capsys.readouterr().err
+        assert Store.open(folder).n_structures >= 1
+        assert not (folder / ".dfre.lock").exists()
+
+
+def test_bad_input_into_an_existing_empty_folder_keeps_the_folder(tmp_path, capsys):
+    bad = _write_text(tmp_path / "bad.xyz", GOOD_FRAME * 3 + "2\nbroken\n")
+    folder = tmp_path / "mine.zarr"
+    folder.mkdir()
+    assert main(["ingest", bad, "--store", str(folder), "--chunk-atoms", "2"]) == 2
+    assert "frame 3" in capsys.readouterr().err
+    assert folder.is_dir() and os.listdir(folder) == []

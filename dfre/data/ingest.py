@@ -37,7 +37,13 @@ from pathlib import Path
 import numpy as np
 
 from dfre.errors import DfreError
-from dfre.store import DEFAULT_CHUNK_ATOMS, Store, StructureBlock
+from dfre.store import (
+    _BOOKKEEPING_FILES,
+    DEFAULT_CHUNK_ATOMS,
+    Store,
+    StructureBlock,
+    _is_empty_dir,
+)
 
 DB_FORMATS = ("db", "json")
 SUBSET_KEYS = ("subset", "config_type")
@@ -219,6 +225,7 @@ def ingest(
     formats = [resolve_format(path, format) for path in paths]
 
     created = not isinstance(store, Store) and not _exists(os.fspath(store))
+    had_folder = not isinstance(store, Store) and os.path.isdir(os.fspath(store))
     if not isinstance(store, Store):
         store = Store.open_or_create(store, chunk_atoms=chunk_atoms)
     store._require_writable()
@@ -233,7 +240,7 @@ def ingest(
     except KeyboardInterrupt:
         raise  # committed batches stay: the next run resumes after them
     except BaseException:
-        _rollback(store, snapshot, remove=created)
+        _rollback(store, snapshot, remove=created, keep_folder=had_folder)
         raise
     return reports
 
@@ -241,7 +248,7 @@ def ingest(
 def _exists(path: str) -> bool:
     if "://" in path or os.path.isfile(path):
         return True
-    return os.path.isdir(path) and bool(os.listdir(path))
+    return os.path.isdir(path) and not _is_empty_dir(path)
 
 
 def _ingest_file(
@@ -333,10 +340,20 @@ def _snapshot(store: Store) -> dict:
     }
 
 
-def _rollback(store: Store, snapshot: dict, *, remove: bool) -> None:
-    """Put ``store`` back as it was at ``snapshot`` (or remove it if this call made it)."""
+def _rollback(store: Store, snapshot: dict, *, remove: bool, keep_folder: bool) -> None:
+    """Put ``store`` back as it was at ``snapshot``; with ``remove`` (this call made the
+    store) delete it, keeping its folder if ``keep_folder`` (the folder was there)."""
     if remove and "://" not in store.path:
-        shutil.rmtree(store.path, ignore_errors=True)
+        # remove what this call created; a folder that was there before stays, empty
+        for entry in os.scandir(store.path):
+            if entry.name in _BOOKKEEPING_FILES:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.remove(entry.path)
+        if not keep_folder and not os.listdir(store.path):
+            os.rmdir(store.path)
         return
     store.commit({k: snapshot[k] for k in ("n_structures", "n_atoms", "provenance")})
     info = store.structures["info"]
