@@ -26,6 +26,17 @@ def synthetic(n, dims, seed=0):
     ]
 
 
+@pytest.fixture(scope="module")
+def scheduler():
+    """A running in-process cluster for the CLI runs (``--scheduler ADDRESS``)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+    ) as cluster:
+        yield cluster.scheduler_address
+
+
 @pytest.fixture
 def feature_store(sample_store_copy):
     store = Store.open(sample_store_copy, mode="r+")
@@ -85,17 +96,8 @@ def test_store_feature_sets_in_compatible_function(feature_store):
     assert global_reconstruction_error(x, y) == pytest.approx(by_name, rel=1e-12)
 
 
-def test_cli_prints_matrix_and_json(feature_store, capsys):
-    args = [
-        "gfre",
-        "--store",
-        feature_store,
-        "--features",
-        *NAMES[:2],
-        "--no-gpu",
-        "--dashboard-address",
-        ":0",
-    ]
+def test_cli_prints_matrix_and_json(feature_store, scheduler, capsys):
+    args = ["gfre", "--store", feature_store, "--features", *NAMES[:2], "--scheduler", scheduler]
     assert main([*args, "--selection", "random:50", "--solver", "tsqr"]) == 0
     out = capsys.readouterr().out
     assert "source \\ target" in out and NAMES[0] in out
@@ -130,7 +132,7 @@ def test_cli_bad_input_is_one_line_and_store_untouched(feature_store, capsys, ex
     assert _tree(feature_store) == before
 
 
-def test_cli_nan_features_refused_and_store_untouched(feature_store, capsys):
+def test_cli_nan_features_refused_and_store_untouched(feature_store, scheduler, capsys):
     store = Store.open(feature_store, mode="r+")
     values = np.asarray(store.features(NAMES[1]))
     values[5, 2] = np.nan
@@ -145,9 +147,8 @@ def test_cli_nan_features_refused_and_store_untouched(feature_store, capsys):
             *NAMES[:2],
             "--selection",
             "kfold:2",
-            "--no-gpu",
-            "--dashboard-address",
-            ":0",
+            "--scheduler",
+            scheduler,
         ]
     )
     err = capsys.readouterr().err
