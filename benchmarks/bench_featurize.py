@@ -10,8 +10,9 @@ For each model and batch size (atoms per forward pass), on a sample store of
 - pipeline: ``dfre.featurize.featurize`` on a local Dask cluster (``--workers``
   processes with one thread and ``cores / workers`` torch threads each on CPU; one
   dask-cuda worker per GPU with ``--graph-processes`` graph builders on CUDA),
-  reading structures from and writing features into the store; timed after a
-  warm-up run that loads the models on the workers.
+  reading structures from and writing features into the store; timed after the
+  models are loaded on every worker and a warm-up run (which also starts the graph
+  processes).
 
 Prints atoms/s of each and the ratio pipeline / direct (CPU target >= 0.8; GPU
 target: pipeline >= 0.8 x raw forward rate) and the largest difference between the
@@ -78,6 +79,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def warm_up(model: str, device: str, torch_threads: int | None) -> None:
+    """Load the model in this worker process (what the first task would do)."""
+    from dfre.models.base import load_extractor, set_torch_threads
+
+    set_torch_threads(torch_threads)
+    load_extractor(model, device)
+
+
 def start_client(args):
     import dask
     from distributed import Client, LocalCluster
@@ -132,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             path = tmp / f"{model}.zarr"
             store = make_store(path, n_atoms, chunk_atoms=65536)
             frames = list(store.iter_atoms())
+            client.run(warm_up, model, args.device, torch_threads)  # load on every worker
             warm = make_store(tmp / f"{model}-warm.zarr", 200, chunk_atoms=65536)
             featurize(
                 warm.path,
