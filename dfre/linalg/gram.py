@@ -227,6 +227,7 @@ def group_statistics(
     Z = Z.rechunk({1: -1})
     used = np.flatnonzero((labels >= 0).any(axis=0))
     shift = to_numpy(Z[int(used[0]) if len(used) else 0].compute()).astype(np.float64)
+    shift[~np.isfinite(shift)] = 0.0  # non-finite values are reported, not propagated
     blocks = Z.to_delayed().ravel()
     bounds = np.cumsum((0, *Z.chunks[0]))
     chunk = dask.delayed(chunk_statistics, pure=True)
