@@ -148,6 +148,11 @@ def chunk_statistics(
     ``labels`` (L, rows) holds per label layer the group value of each row in
     ``0..n_values-1`` or -1 (row unused in that layer); group ``l * n_values + v``.
     """
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite input is counted below
+        return _chunk_statistics(block, labels, n_values, kind, shift)
+
+
+def _chunk_statistics(block, labels, n_values, kind, shift) -> GroupStatistics:
     part, merge = _merge_for(kind)
     xp = array_module(block)
     d = block.shape[1]
