@@ -380,6 +380,20 @@ def check_request(
     return extractor, layers
 
 
+def describe_request(
+    store_path: str, model: str, layers: Sequence[str] | None, options: dict | None
+) -> dict:
+    """:func:`check_request` where the model is, as plain data: the layers, their
+    dimensions and provenance attributes (runs on a worker when the model lives in
+    another environment than the client)."""
+    extractor, layers = check_request(Store.open(store_path), model, layers, options)
+    return {
+        "layers": layers,
+        "dims": {layer: extractor.layers[layer].dim for layer in layers},
+        "attrs": {layer: extractor.attrs(layer) for layer in layers},
+    }
+
+
 def featurize(
     store: Store | str,
     model: str,
@@ -393,6 +407,7 @@ def featurize(
     prefetch: int = 0,
     graph_processes: int = 0,
     torch_threads: int | None = None,
+    resources: dict[str, float] | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> FeaturizeReport:
     """Write the per-atom features of ``model`` for every structure of ``store``.
@@ -412,6 +427,9 @@ def featurize(
     graph_processes: processes per worker that build the graphs ahead of the forward
         pass (for GPU workers; needs non-daemonic workers, see :func:`graph_process_pool`).
     torch_threads: intra-op torch threads per worker (default: torch's choice).
+    resources: Dask worker resources every task needs, e.g. ``{"mace": 1}`` to run on
+        the workers started in MACE's own environment (``dask worker --resources
+        mace=1``); the model is then only loaded there, never in this process.
     progress: called with each finished task's result dict.
 
     Runs on the active Dask scheduler: the current ``distributed.Client`` if there
@@ -428,14 +446,30 @@ def featurize(
             f"model name '{name}' in the store must be non-empty, without '/' or a leading '_'"
         )
     options = dict(options or {})
-    extractor, layers = check_request(store, model, layers, options)
+    if resources:
+        info = (
+            _client_or_error()
+            .submit(
+                describe_request,
+                store.path,
+                model,
+                layers,
+                options,
+                resources=resources,
+                pure=False,
+            )
+            .result()
+        )
+    else:
+        info = describe_request(store.path, model, layers, options)
+    layers = info["layers"]
 
     group = store.group["features"].require_group(name)
     chunk = _feature_chunk_rows(store, group, layers, chunk_atoms)
     for layer in layers:
-        attrs = {**extractor.attrs(layer), "device": device, "registry_name": model}
+        attrs = {**info["attrs"][layer], "device": device, "registry_name": model}
         arr = store.create_feature(
-            f"{name}/{layer}", extractor.layers[layer].dim, chunk_atoms=chunk, attrs=attrs
+            f"{name}/{layer}", info["dims"][layer], chunk_atoms=chunk, attrs=attrs
         )
         old = arr.attrs.get("weights_sha256")
         if old != attrs["weights_sha256"]:
@@ -482,7 +516,7 @@ def featurize(
         )
         for unit, unit_layers in todo
     ]
-    results = _compute_as_completed(tasks, progress)
+    results = _compute_as_completed(tasks, progress, resources)
     seconds = time.perf_counter() - start
     masked: dict[int, str] = {}
     for result in results:
@@ -552,15 +586,31 @@ def _discover_dims(store: Store, extractor: FeatureExtractor, layers: Sequence[s
     )
 
 
-def _compute_as_completed(tasks: list, progress: Callable[[dict], None] | None) -> list[dict]:
+def _client_or_error():
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        raise DfreError(
+            "worker resources need a distributed cluster: connect a Client first "
+            "(dfre featurize --scheduler ADDRESS)"
+        ) from None
+
+
+def _compute_as_completed(
+    tasks: list, progress: Callable[[dict], None] | None, resources: dict | None = None
+) -> list[dict]:
     """Compute the unit tasks on the active scheduler, reporting each as it finishes."""
     if not tasks:
         return []
-    try:
-        from distributed import as_completed, get_client
+    from distributed import as_completed
 
-        client = get_client()
-    except (ImportError, ValueError):
+    try:
+        client = _client_or_error()
+    except DfreError:
+        if resources:
+            raise
         client = None
     if client is None:  # dask's default scheduler; each task records itself as done
         results = list(dask.compute(*tasks))
@@ -569,7 +619,7 @@ def _compute_as_completed(tasks: list, progress: Callable[[dict], None] | None) 
                 progress(result)
         return results
     results = []
-    futures = client.compute(tasks)
+    futures = client.compute(tasks, resources=resources)
     try:
         for future in as_completed(futures):
             result = future.result()

@@ -9,7 +9,7 @@ from distributed import Client, LocalCluster
 from dfre.cli import main
 from dfre.errors import DfreError
 from dfre.featurize import featurize, plan_units
-from dfre.models.base import load_extractor
+from dfre.models.base import load_extractor, loaded_models
 from dfre.store import Store, StructureBlock
 
 TOL = 1e-5
@@ -291,3 +291,53 @@ def test_graphs_built_ahead_by_threads_or_processes_give_the_same_features():
         np.testing.assert_allclose(ahead[0]["ll"], plain[0]["ll"], atol=TOL, equal_nan=True)
         np.testing.assert_array_equal(ahead[1], plain[1])
         assert ahead[2] == plain[2] and set(plain[2]) == set(MASKED)
+
+
+def test_resources_send_every_task_to_the_workers_of_that_environment(tmp_path):
+    """Models of another environment run only on workers started with a resource."""
+    import subprocess
+    import sys
+
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_worker",
+                cluster.scheduler_address,
+                "--nthreads",
+                "1",
+                "--resources",
+                "chgnet_env=1",
+                "--no-dashboard",
+                "--name",
+                "chgnet-env",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            c.wait_for_workers(2, timeout=60)
+            frames = [bulk("Si", "diamond", 5.43), molecule("H2O")] * 4
+            store = make_store(tmp_path / "s.zarr", frames, chunk_atoms=4)
+            report = featurize(
+                store.path, "chgnet-0.3.0", layers=["ll"], resources={"chgnet_env": 1}
+            )
+            assert report.n_units_computed == report.n_units >= 2
+            loaded = c.run(loaded_models)
+            by_name = {c.scheduler_info()["workers"][a]["name"]: v for a, v in loaded.items()}
+            assert by_name.pop("chgnet-env") == ["chgnet-0.3.0"]
+            assert list(by_name.values()) == [[]]
+            got = Store.open(store.path).features("chgnet-0.3.0/ll").compute()
+            np.testing.assert_allclose(got, direct_features("chgnet-0.3.0", frames, "ll"), atol=TOL)
+        finally:
+            c.retire_workers()
+            worker.terminate()
+            worker.wait(timeout=30)
+    with pytest.raises(DfreError, match="worker resources need a distributed cluster"):
+        featurize(store.path, "chgnet-0.3.0", resources={"chgnet_env": 1})

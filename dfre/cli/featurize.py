@@ -79,6 +79,14 @@ def add_parser(subparsers) -> None:
         "(default: CPU cores - 2 on cuda, 0 on cpu; starts non-daemonic workers)",
     )
     p.add_argument(
+        "--resources",
+        action="append",
+        default=None,
+        metavar="NAME=N",
+        help="Dask worker resources each task needs (repeatable), e.g. mace=1 to run on "
+        "workers started in the model's own environment with `dask worker --resources mace=1`",
+    )
+    p.add_argument(
         "--torch-threads",
         type=int,
         default=None,
@@ -111,6 +119,16 @@ def _key_value(item: str, flag: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def _resource(item: str) -> tuple[str, float]:
+    from dfre.errors import DfreError
+
+    key, value = _key_value(item, "--resources")
+    try:
+        return key, float(value)
+    except ValueError:
+        raise DfreError(f"--resources {item!r}: the amount must be a number") from None
+
+
 def run(args) -> int:
     layers = [layer.strip() for layer in args.layers.split(",")] if args.layers else None
     device = args.device or ("cuda" if args.gpu else "cpu")
@@ -121,8 +139,10 @@ def run(args) -> int:
     if graph_processes is None:
         graph_processes = max(1, min(8, (os.cpu_count() or 1) - 2)) if device == "cuda" else 0
     options = model_options(args)
-    # one-line errors (model, weights, layers, store, elements) before a cluster starts
-    check_request(Store.open(args.store, mode="r+"), args.model, layers, options)
+    resources = dict(_resource(r) for r in args.resources or [])
+    store = Store.open(args.store, mode="r+")
+    if not resources:  # one-line errors (model, weights, layers, store) before a cluster starts
+        check_request(store, args.model, layers, options)
     # worker processes may start graph-builder processes only if they are not daemonic
     daemon = {"distributed.worker.daemon": graph_processes == 0}
     with (
@@ -150,6 +170,7 @@ def run(args) -> int:
             prefetch=prefetch,
             graph_processes=graph_processes,
             torch_threads=torch_threads,
+            resources=resources or None,
             progress=progress,
         )
     print(report.summary())

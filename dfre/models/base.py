@@ -260,6 +260,11 @@ def load_extractor(name: str, device: str = "cpu", **options: Any) -> FeatureExt
         return _CACHE[key]
 
 
+def loaded_models() -> list[str]:
+    """Names of the models loaded in this process (e.g. ``client.run(loaded_models)``)."""
+    return sorted({key[0] for key in _CACHE})
+
+
 def set_torch_threads(n: int | None) -> None:
     """Set the number of intra-op torch threads of this process (once per value)."""
     if not n:
