@@ -90,9 +90,11 @@ def scaled_factor(
     With :math:`\\delta = \\mu_g - \\mu` the scatter about the train mean is
     :math:`M_g + n_g \\delta\\delta^T`. For ``kind="tsqr"`` the factor is
     :math:`[R_g; \\sqrt{n_g}\\delta^T] / c` (``c`` the column scales), exact to working
-    precision. For ``kind="gram"`` it is :math:`\\Lambda^{1/2} V^T` of the eigen-
-    decomposition of the scaled scatter matrix; its singular values below
-    :math:`\\sqrt{D\\,\\epsilon}\\,\\lambda_{max}^{1/2}` are rounding noise (``floor``).
+    precision. For ``kind="gram"`` it is :math:`R P^T` from the pivoted (rank-revealing)
+    Cholesky factorisation :math:`P^T G P = R^T R` of the scaled scatter matrix ``G``
+    (LAPACK ``dpstrf``, which stops at pivots below :math:`D\\,\\epsilon\\,\\max G_{ii}`);
+    singular values of its column blocks below
+    :math:`\\sqrt{D\\,\\epsilon \\max_i G_{ii}}` are rounding noise (``floor``).
     """
     c = scaling.column_scale
     delta = mean - scaling.mean
@@ -100,7 +102,18 @@ def scaled_factor(
         stacked = np.concatenate([second, np.sqrt(count) * delta[None]]) / c
         return Factor(stacked, count, 0.0)
     gram = (second + count * np.outer(delta, delta)) / np.outer(c, c)
-    w, v = np.linalg.eigh((gram + gram.T) / 2)
-    w = np.clip(w, 0.0, None)
-    floor = np.sqrt(gram.shape[0] * EPS * max(w[-1], 0.0))
-    return Factor(np.sqrt(w)[:, None] * v.T, count, floor)
+    return Factor(gram_factor(gram), count, np.sqrt(gram.shape[0] * EPS * gram.diagonal().max()))
+
+
+def gram_factor(gram: np.ndarray) -> np.ndarray:
+    """``F`` (rank, D) with :math:`F^T F = G` for a symmetric positive semidefinite ``G``."""
+    from scipy.linalg.lapack import dpstrf
+
+    r, piv, rank, info = dpstrf(gram, lower=0)
+    if info < 0:
+        raise ValueError(f"dpstrf: illegal argument {-info}")
+    factor = np.zeros((max(rank, 1), gram.shape[0]))
+    factor[:, piv[: len(piv)] - 1] = np.triu(r)[: max(rank, 1)]
+    if rank == 0:
+        factor[:] = 0.0
+    return factor
