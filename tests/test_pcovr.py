@@ -96,7 +96,7 @@ def test_cohesive_energy_recovers_references_and_is_least_squares():
 def test_pcovr_map_writes_results_and_projects_a_second_store(tmp_path):
     store_a, x_a, energy_a = make_store(tmp_path / "a.zarr", 40, seed=2)
     store_b, x_b, _ = make_store(tmp_path / "b.zarr", 15, seed=3)
-    fitted = pcovr_map(store_a, "desc", project=[store_b])
+    fitted = pcovr_map(store_a, "desc", project_into=[store_b])
     cohesive_a, refs = cohesive_energy_per_atom(energy_a, store_a.numbers(), store_a.offsets)
     reference = skmatter_map(x_a, cohesive_a)
 
@@ -154,3 +154,14 @@ def test_projection_needs_same_width():
     fitted = fit_pcovr(np.random.default_rng(8).normal(size=(20, 4)), np.arange(20.0))
     with pytest.raises(DfreError, match=r"shape \(3, 5\).*fitted on 4 columns"):
         fitted.transform(np.zeros((3, 5)))
+
+
+def test_fit_on_a_random_subset_projects_every_structure(tmp_path):
+    store, x, energy = make_store(tmp_path / "a.zarr", 40, seed=9)
+    pcovr_map(store, "desc", max_fit=15, seed=2, run="sub")
+    result = store.result("sub")
+    fit_rows = result["fit_rows"][...]
+    assert fit_rows.sum() == 15 and result.attrs["config"]["n_fit"] == 15
+    cohesive, _ = cohesive_energy_per_atom(energy, store.numbers(), store.offsets)
+    expected = skmatter_map(x[fit_rows], cohesive[fit_rows])(x)
+    np.testing.assert_allclose(result["coordinates"][...], expected, atol=1e-10)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from dfre.projection.pcovr import COHESIVE_ENERGY, pcovr_map
+from dfre.projection.pcovr import COHESIVE_ENERGY, DEFAULT_MAX_FIT, pcovr_map
 
 
 def add_parser(subparsers) -> None:
@@ -29,6 +29,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--components", type=int, default=2, help="number of components (default 2)")
     p.add_argument("--run", help="results group name (default pcovr-<descriptor>)")
     p.add_argument(
+        "--max-fit",
+        type=int,
+        default=DEFAULT_MAX_FIT,
+        help=f"fit on at most N random structures (default {DEFAULT_MAX_FIT}); all are projected",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the fitting subset")
+    p.add_argument(
         "--project",
         action="append",
         default=[],
@@ -49,9 +56,8 @@ def run(args: argparse.Namespace) -> int:
         raise DfreError(f"--components must be >= 1 (got {args.components})")
     store = Store.open(args.store, mode="r+")
     others = [Store.open(path, mode="r+") for path in args.project]
-    store.descriptor(args.descriptor)
-    for other in others:
-        other.descriptor(args.descriptor)
+    if args.max_fit < 3:
+        raise DfreError(f"--max-fit must be at least 3 (got {args.max_fit})")
     with contextlib.ExitStack() as locks:
         for path in [args.store, *args.project]:
             locks.enter_context(store_lock(path, f"dfre pcovr --descriptor {args.descriptor}"))
@@ -63,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
             mixing=args.mixing,
             n_components=args.components,
             run=args.run,
-            project=others,
+            project_into=others,
+            max_fit=args.max_fit,
+            seed=args.seed,
         )
     run_name = args.run or f"pcovr-{args.descriptor}"
     print(

@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask.array as da
 import numpy as np
 from skmatter.decomposition import PCovR
 from skmatter.preprocessing import StandardFlexibleScaler
@@ -51,6 +52,8 @@ from dfre.errors import DfreError
 
 #: Target name that selects the cohesive energy per atom.
 COHESIVE_ENERGY = "cohesive_energy"
+#: Most structures a map is fitted on by default (a random subset of larger datasets).
+DEFAULT_MAX_FIT = 20_000
 
 
 @dataclass
@@ -170,6 +173,26 @@ def _numeric_info(store: Any, key: str) -> np.ndarray:
     return values.astype(np.float64)
 
 
+def _lazy_descriptor(store: Any, name: str) -> da.Array:
+    """Descriptor ``name`` of ``store`` as a dask array (never loaded whole)."""
+    if name not in store.descriptor_names():
+        raise DfreError(
+            f"store {store.path} has no descriptor '{name}'; available: "
+            f"{', '.join(store.descriptor_names()) or 'none'}"
+        )
+    return da.from_zarr(store.group["descriptors"][name])
+
+
+def project(fitted: PCovRMap, descriptor: da.Array) -> np.ndarray:
+    """Map coordinates of every row of a (lazy) descriptor, block by block."""
+    n_components = fitted.model.n_components_
+    descriptor = descriptor.rechunk({1: -1})
+    lazy = descriptor.map_blocks(
+        fitted.transform, chunks=(descriptor.chunks[0], (n_components,)), dtype=np.float64
+    )
+    return np.asarray(lazy.compute())
+
+
 def pcovr_map(
     store: Any,
     descriptor: str,
@@ -179,38 +202,52 @@ def pcovr_map(
     mixing: float = 0.5,
     n_components: int = 2,
     run: str | None = None,
-    project: Sequence[Any] = (),
+    project_into: Sequence[Any] = (),
+    max_fit: int | None = DEFAULT_MAX_FIT,
+    seed: int = 0,
 ) -> PCovRMap:
     """Fit a map on ``descriptor`` of ``store`` and write ``results/<run>`` (module doc).
 
-    Each store in ``project`` (opened for writing, holding a descriptor of the same name)
-    gets the projection of its structures into this map, with the fitting store's
+    The map is fitted on the structures with a finite descriptor and target, at most
+    ``max_fit`` of them drawn at random with ``seed`` (PCovR holds its fitting rows in
+    memory); every structure is then projected, block by block. Each store in
+    ``project_into`` (opened for writing, holding a descriptor of the same name) gets
+    the projection of its structures into this map, with the fitting store's
     coordinates as reference. Targets of projected stores are computed the same way
     when available (NaN otherwise).
     """
-    x = store.descriptor(descriptor)
+    x = _lazy_descriptor(store, descriptor)
+    others = [_lazy_descriptor(other, descriptor) for other in project_into]
     y, target_config = store_target(store, target, energy_key=energy_key)
-    fitted = fit_pcovr(x, y, mixing=mixing, n_components=n_components)
-    fitted.config.update(target_config, energy_key=energy_key, descriptor=descriptor)
+    candidates = np.flatnonzero(np.asarray(da.isfinite(x).all(axis=1).compute()) & np.isfinite(y))
+    if max_fit is not None and len(candidates) > max_fit:
+        rng = np.random.default_rng(seed)
+        candidates = np.sort(rng.choice(candidates, max_fit, replace=False))
+    fitted = fit_pcovr(
+        np.asarray(x[candidates].compute()), y[candidates], mixing=mixing, n_components=n_components
+    )
+    fitted.config.update(
+        target_config, energy_key=energy_key, descriptor=descriptor, max_fit=max_fit, seed=seed
+    )
     run = run or f"pcovr-{descriptor}"
-    coordinates = fitted.transform(x)
-    fit_rows = np.isfinite(x).all(axis=1) & np.isfinite(y)
+    coordinates = project(fitted, x)
+    fit_rows = np.zeros(len(y), dtype=bool)
+    fit_rows[candidates] = True
     _write(store, run, fitted, descriptor, store.path, coordinates, y, fit_rows)
-    for other in project:
-        other_x = other.descriptor(descriptor)
+    for other, other_x in zip(project_into, others, strict=True):
         try:
             other_y, _ = store_target(other, target, energy_key=energy_key)
         except DfreError:
-            other_y = np.full(len(other_x), np.nan)
+            other_y = np.full(other_x.shape[0], np.nan)
         _write(
             other,
             run,
             fitted,
             descriptor,
             store.path,
-            fitted.transform(other_x),
+            project(fitted, other_x),
             other_y,
-            np.zeros(len(other_x), bool),
+            np.zeros(other_x.shape[0], bool),
             reference=(coordinates, y),
         )
     return fitted
