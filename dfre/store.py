@@ -368,8 +368,10 @@ class Store:
         if not self.writable:
             raise DfreError(f"store {self.path} is open read-only")
 
-    def append(self, block: StructureBlock, provenance: dict | None = None) -> None:
-        """Append ``block``; commit counts (and an optional provenance record) last.
+    def append(
+        self, block: StructureBlock, provenance: dict | Sequence[dict] | None = None
+    ) -> None:
+        """Append ``block``; commit counts (and optional provenance records) last.
 
         A provenance record with the same ``"source"`` as an existing one replaces it,
         so an ingest can record its progress through a file batch by batch.
@@ -402,9 +404,17 @@ class Store:
 
         attrs = {"n_structures": new_s, "n_atoms": new_a}
         if provenance is not None:
-            records = [r for r in self.provenance if r.get("source") != provenance.get("source")]
-            attrs["provenance"] = [*records, provenance]
+            attrs["provenance"] = self._merged_provenance(provenance)
         self.commit(attrs)
+
+    def update_provenance(self, records: dict | Sequence[dict]) -> None:
+        """Commit provenance records alone (same-``source`` records are replaced)."""
+        self.commit({"provenance": self._merged_provenance(records)})
+
+    def _merged_provenance(self, records: dict | Sequence[dict]) -> list[dict]:
+        records = [records] if isinstance(records, dict) else list(records)
+        sources = {r.get("source") for r in records}
+        return [r for r in self.provenance if r.get("source") not in sources] + records
 
     def commit(self, attrs: dict) -> None:
         """Update the store's attributes in one metadata write: the commit point.

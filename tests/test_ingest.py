@@ -385,3 +385,30 @@ def test_bad_input_into_an_existing_empty_folder_keeps_the_folder(tmp_path, caps
     assert main(["ingest", bad, "--store", str(folder), "--chunk-atoms", "2"]) == 2
     assert "frame 3" in capsys.readouterr().err
     assert folder.is_dir() and os.listdir(folder) == []
+
+
+def test_many_small_files_share_batches(tmp_path):
+    paths = []
+    for i in range(30):
+        atoms = bulk("Cu", "fcc", a=3.6 + 0.01 * i)
+        paths.append(tmp_path / f"POSCAR_{i:02d}")
+        ase.io.write(paths[-1], atoms, format="vasp")
+    store_path = tmp_path / "s.zarr"
+    reports = ingest(paths, store_path, format="vasp", chunk_atoms=10)
+    assert [r.status for r in reports] == ["ingested"] * 30
+    store = Store.open(store_path)
+    assert store.n_structures == 30
+    assert [r["source"] for r in store.provenance] == [str(p) for p in paths]
+    assert all(r["complete"] and r["frames_done"] == 1 for r in store.provenance)
+    np.testing.assert_allclose(store.cells()[:, 0, 1], [(3.6 + 0.01 * i) / 2 for i in range(30)])
+    assert store.subsets().tolist() == [p.stem for p in paths]
+
+
+def test_failure_in_a_later_file_rolls_back_the_earlier_ones(tmp_path, base_store, capsys):
+    first = _write_text(tmp_path / "first.xyz", GOOD_FRAME * 5)
+    second = _write_text(tmp_path / "second.xyz", GOOD_FRAME + "2\nbroken\n")
+    before = store_content(base_store)
+    code = main(["ingest", first, second, "--store", base_store, "--chunk-atoms", "2"])
+    assert code == 2
+    assert f"{second} frame 1" in capsys.readouterr().err
+    assert store_content(base_store) == before

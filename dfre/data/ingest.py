@@ -30,7 +30,7 @@ import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Number
 from pathlib import Path
 
@@ -177,8 +177,9 @@ def structure_info(atoms, subset_key: str | None, stem: str) -> dict:
     return info
 
 
-def _check_frames(block: StructureBlock, path: str, first_frame: int) -> None:
-    """Refuse structures without atoms, with non-finite positions/cell or unknown Z."""
+def _check_block(block: StructureBlock, origins: list[tuple[str, int]]) -> None:
+    """Refuse structures without atoms, with non-finite positions/cell or unknown Z;
+    ``origins[s]`` is the (file, frame) of structure ``s``. Vectorised over the batch."""
     frame_of_atom = np.repeat(np.arange(block.n_structures), block.counts)
     problems = []
     if (block.counts == 0).any():
@@ -193,11 +194,74 @@ def _check_frames(block: StructureBlock, path: str, first_frame: int) -> None:
     if bad_z.any():
         problems.append((int(frame_of_atom[np.argmax(bad_z)]), "has atoms of no element (Z=0)"))
     if problems:
-        frame, what = min(problems)
-        raise DfreError(f"{path} frame {first_frame + frame} {what}: fix or remove that structure")
+        structure, what = min(problems)
+        path, index = origins[structure]
+        raise DfreError(f"{path} frame {index} {what}: fix or remove that structure")
+
+
+def _check_types(info: dict, numeric: dict[str, bool], path: str, index: int) -> None:
+    """Every info key keeps one type (number or text) across the store."""
+    for key, value in info.items():
+        is_number = not isinstance(value, str)
+        if numeric.setdefault(key, is_number) != is_number:
+            raise DfreError(
+                f"{path} frame {index}: info '{key}' mixes numbers and text ({value!r}); "
+                "give it one type in every structure"
+            )
 
 
 # ---------------------------------------------------------------------- ingest
+@dataclass
+class _FileJob:
+    """One input file: what to read, and how far reading and committing got."""
+
+    path: str
+    format: str
+    record: dict  # its provenance record, without progress fields
+    start: int  # first frame to read (frames before it are in the store)
+    status: str  # "ingested", "resumed" or "skipped"
+    frames_read: int = 0
+    atoms_read: int = 0
+    finished: bool = False  # every frame read
+
+    def provenance(self) -> dict:
+        return {
+            **self.record,
+            "frames_done": self.start + self.frames_read,
+            "complete": self.finished,
+        }
+
+    def report(self) -> IngestReport:
+        total = self.start + self.frames_read
+        return IngestReport(
+            self.path, self.format, self.status, self.frames_read, self.atoms_read, total
+        )
+
+
+@dataclass
+class _Batch:
+    """Structures read but not committed yet, possibly from several files."""
+
+    frames: list = field(default_factory=list)
+    infos: list = field(default_factory=list)
+    origins: list = field(default_factory=list)  # (file, frame) of each structure
+    n_atoms: int = 0
+    touched: dict = field(default_factory=dict)  # path -> _FileJob with news to commit
+
+    def commit(self, store: Store, progress) -> None:
+        records = [job.provenance() for job in self.touched.values()]
+        if self.frames:
+            block = StructureBlock.from_atoms(self.frames, _columns(self.infos))
+            _check_block(block, self.origins)
+            store.append(block, records)
+        elif records:
+            store.update_provenance(records)
+        if progress is not None:
+            for job in self.touched.values():
+                progress(job.path, job.start + job.frames_read, job.atoms_read)
+        self.frames, self.infos, self.origins, self.n_atoms, self.touched = [], [], [], 0, {}
+
+
 def ingest(
     files: Sequence[str | os.PathLike],
     store: str | os.PathLike | Store,
@@ -211,7 +275,8 @@ def ingest(
     """Append the structures of ``files`` to ``store`` (created if absent).
 
     ``chunk_atoms`` sets the chunk size of a new store and the batch size of the
-    appends (one commit per batch). ``log`` receives one line per file;
+    appends: one commit per about ``chunk_atoms`` atoms, a batch holding the frames of
+    as many (small) files as fit. ``log`` receives one line per file at the end;
     ``progress(path, frames_done, atoms_added)`` is called after every commit. Returns
     one :class:`IngestReport` per file. See the module docstring for resumption and errors.
     """
@@ -230,18 +295,18 @@ def ingest(
         store = Store.open_or_create(store, chunk_atoms=chunk_atoms)
     store._require_writable()
     snapshot = _snapshot(store)
-    reports = []
     try:
-        for path, fmt in zip(paths, formats, strict=True):
-            report = _ingest_file(store, path, fmt, subset_key, chunk_atoms, progress)
-            reports.append(report)
-            if log is not None:
-                log(str(report))
+        jobs = _plan(store, paths, formats)
+        _read_all(store, jobs, subset_key, chunk_atoms, progress)
     except KeyboardInterrupt:
         raise  # committed batches stay: the next run resumes after them
     except BaseException:
         _rollback(store, snapshot, remove=created, keep_folder=had_folder)
         raise
+    reports = [job.report() for job in jobs]
+    if log is not None:
+        for report in reports:
+            log(str(report))
     return reports
 
 
@@ -251,77 +316,62 @@ def _exists(path: str) -> bool:
     return os.path.isdir(path) and not _is_empty_dir(path)
 
 
-def _ingest_file(
-    store: Store,
-    path: str,
-    fmt: str,
-    subset_key: str | None,
-    batch_atoms: int,
-    progress: Callable[[str, int, int], None] | None = None,
-) -> IngestReport:
-    identity = file_identity(path)
-    record = next((r for r in store.provenance if r.get("source") == path), None)
-    done_before = [r for r in store.provenance if r.get("complete")]
-    same_content = next((r for r in done_before if r.get("sha256") == identity["sha256"]), None)
-    if same_content is not None:
-        return IngestReport(path, fmt, "skipped", 0, 0, int(same_content["frames_done"]))
-    start = 0
-    if record is not None:
-        if record.get("sha256") != identity["sha256"]:
-            state = "complete" if record.get("complete") else "interrupted"
+def _plan(store: Store, paths: list[str], formats: list[str]) -> list[_FileJob]:
+    """Decide per file: skip (same content complete), resume, or read from the start."""
+    by_source = {r.get("source"): r for r in store.provenance}
+    complete_by_hash = {
+        r["sha256"]: r for r in store.provenance if r.get("complete") and "sha256" in r
+    }
+    jobs, seen = [], {}
+    for path, fmt in zip(paths, formats, strict=True):
+        identity = file_identity(path)
+        record = {"source": path, "format": fmt, **identity}
+        done = complete_by_hash.get(identity["sha256"]) or seen.get(identity["sha256"])
+        if done is not None:
+            jobs.append(_FileJob(path, fmt, record, int(done.get("frames_done", 0)), "skipped"))
+            continue
+        previous = by_source.get(path)
+        start = 0
+        if previous is not None:
+            if previous.get("sha256") != identity["sha256"]:
+                state = "complete" if previous.get("complete") else "interrupted"
+                raise DfreError(
+                    f"{path} changed since its {state} ingest into {store.path} (sha256 "
+                    "differs): restore the file, or ingest the new content under another name"
+                )
+            start = int(previous["frames_done"])
+        jobs.append(_FileJob(path, fmt, record, start, "resumed" if previous else "ingested"))
+        seen[identity["sha256"]] = {"frames_done": start}
+    return jobs
+
+
+def _read_all(store: Store, jobs: list[_FileJob], subset_key, batch_atoms: int, progress):
+    info_arrays = store.structures["info"]
+    numeric = {k: info_arrays[k].dtype.kind in "fc" for k in info_arrays.array_keys()}
+    batch = _Batch()
+    for job in jobs:
+        if job.status == "skipped":
+            continue
+        stem = Path(job.path).stem
+        for index, atoms in _frames_checked(job.path, job.format, job.start):
+            info = structure_info(atoms, subset_key, stem) | {"source": job.path, "frame": index}
+            _check_types(info, numeric, job.path, index)
+            batch.frames.append(atoms)
+            batch.infos.append(info)
+            batch.origins.append((job.path, index))
+            batch.n_atoms += len(atoms)
+            job.frames_read += 1
+            job.atoms_read += len(atoms)
+            batch.touched[job.path] = job
+            if batch.n_atoms >= batch_atoms:
+                batch.commit(store, progress)
+        if job.start == 0 and job.frames_read == 0:
             raise DfreError(
-                f"{path} changed since its {state} ingest into {store.path} (sha256 differs): "
-                "restore the file, or ingest the new content under another file name"
+                f"{job.path} holds no structures ({job.format}): give a file with structures"
             )
-        start = int(record["frames_done"])
-    base = {"source": path, "format": fmt, **identity, "first_structure": store.n_structures}
-    if record is not None:
-        base["first_structure"] = record.get("first_structure", store.n_structures)
-    stem = Path(path).stem
-    frames, infos = [], []
-    done, added_atoms, batch_count = start, 0, 0
-    pending = None  # one frame read ahead, so the last batch knows it is the last
-
-    def commit(last: bool) -> None:
-        nonlocal frames, infos, done, added_atoms, batch_count
-        block = StructureBlock.from_atoms(frames, _columns(infos))
-        _check_frames(block, path, done)
-        provenance = {**base, "frames_done": done + len(frames), "complete": last}
-        try:
-            store.append(block, provenance=provenance)
-        except DfreError as error:
-            raise DfreError(f"{path} frames {done}..{done + len(frames) - 1}: {error}") from None
-        done += len(frames)
-        added_atoms += block.n_atoms
-        frames, infos, batch_count = [], [], 0
-        if progress is not None:
-            progress(path, done, added_atoms)
-
-    reader = _frames_checked(path, fmt, start)
-    for index, atoms in reader:
-        frames.append(atoms)
-        infos.append(structure_info(atoms, subset_key, stem) | {"source": path, "frame": index})
-        batch_count += len(atoms)
-        if batch_count >= batch_atoms:
-            pending = next(reader, None)
-            commit(last=pending is None)
-            if pending is None:
-                break
-            index, atoms = pending
-            frames.append(atoms)
-            infos.append(structure_info(atoms, subset_key, stem) | {"source": path, "frame": index})
-            batch_count += len(atoms)
-    if frames:
-        commit(last=True)
-    elif done == start and start == 0:
-        raise DfreError(f"{path} holds no structures ({fmt}): give a file with structures")
-    elif record is not None and not record.get("complete"):
-        # interrupted after its last batch but before the complete flag: just mark it
-        final = {**base, "frames_done": done, "complete": True}
-        others = [r for r in store.provenance if r.get("source") != path]
-        store.commit({"provenance": [*others, final]})
-    status = "resumed" if start else "ingested"
-    return IngestReport(path, fmt, status, done - start, added_atoms, done)
+        job.finished = True
+        batch.touched[job.path] = job  # its completion goes with the next commit
+    batch.commit(store, progress)
 
 
 def _columns(infos: list[dict]) -> dict[str, list]:
