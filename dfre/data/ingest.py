@@ -2,13 +2,15 @@
 
 Frames are read one at a time (``ase.io.iread``; ASE databases through ``ase.db`` so
 that their key-value pairs survive) and appended in batches of about ``chunk_atoms``
-atoms. Each batch is one :meth:`Store.append`, whose final attribute update is the
-commit point; the provenance record of the file (path, size, mtime, sha256, format,
-frames done, complete flag) is committed with it. Hence:
+atoms; a batch may hold the frames of several small files. Each batch is one
+:meth:`Store.append`, whose single attribute write is the commit point; the provenance
+records of the files it touches (path, size, mtime, sha256, format, frames done,
+complete flag) are committed with it. Hence:
 
-* an ingest killed half-way leaves a store holding the file's first *committed*
-  frames; running the same command again resumes after them, so no structure is
-  stored twice;
+* an ingest killed half-way leaves a store holding the *committed* frames of each
+  file; running the same command again resumes after them, so no structure is
+  stored twice (a file's structures stay contiguous unless other files are ingested
+  between the interruption and the resumption);
 * a file already ingested completely (same sha256) is skipped with a message;
 * bad input (unreadable or malformed file, empty file, unknown format, a structure
   with no atoms, non-finite positions or cell, unknown elements) raises
