@@ -414,7 +414,7 @@ def structure_fre(
                 f"feature set {name} has {values.shape[0]} rows, the store has "
                 f"{n_structures} structures"
             )
-        valid &= np.isfinite(np.asarray(values)).all(axis=1)
+        valid &= np.asarray(da.isfinite(da.asarray(values)).all(axis=1).compute())
     if isinstance(selection, str):
         codes = np.unique(np.asarray(store.subsets()).astype(str), return_inverse=True)[1]
         selection = make_selection(selection, n_structures, labels=codes, seed=seed, valid=valid)
@@ -431,9 +431,13 @@ def structure_fre(
     return result
 
 
-def _complete_cumulants(store: Any, descriptor: str) -> tuple[np.ndarray, dict]:
-    values = store.descriptor(descriptor)
-    attrs = dict(store.group["descriptors"][descriptor].attrs)
+def _complete_cumulants(store: Any, descriptor: str) -> tuple[da.Array, dict]:
+    """A stored cumulant descriptor as a lazy dask array, and its attributes."""
+    if descriptor not in store.descriptor_names():
+        store.descriptor(descriptor)  # raises the store's one-line error
+    array = store.group["descriptors"][descriptor]
+    values = da.from_zarr(array)
+    attrs = dict(array.attrs)
     if attrs.get("kind") != "cumulants" or not attrs.get("complete"):
         raise DfreError(
             f"descriptor {descriptor} is not a complete cumulant descriptor: "
