@@ -106,6 +106,13 @@ def test_cli_prints_matrix_and_json(feature_store, scheduler, capsys):
     assert payload["names"] == NAMES[:2] and payload["n_test"] == 50
     stored = Store.open(feature_store).result("again")["matrix"][...]
     np.testing.assert_allclose(payload["gfre"], stored)
+    tikhonov = [*args, "--regularization", "tikhonov", "--alphas", "1e-6,1e-3,0.1", "--json"]
+    tikhonov += ["--selection", "random:50"]
+    assert main(tikhonov) == 0
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(np.ravel(payload["alpha"])) <= {1e-6, 1e-3, 0.1}
+    config = dict(Store.open(feature_store).result("gfre").attrs)["config"]
+    assert config["regularization_method"] == "tikhonov"
 
 
 # ---------------------------------------------------------------------- bad input

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
 
 from dfre.cluster import add_cluster_arguments, client_from_args
 from dfre.lock import store_lock
-from dfre.metrics.gfre import gfre_store
+from dfre.metrics.gfre import DEFAULT_ALPHAS, gfre_store
+
+
+def _alphas(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: give numbers separated by commas") from None
+    if any(not v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text}: alphas must be non-negative numbers")
+    return values
 
 
 def add_parser(subparsers) -> None:
@@ -46,6 +57,25 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="skip the per-environment errors (second pass over the test rows)",
     )
+    p.add_argument(
+        "--regularization",
+        choices=("cutoff", "tikhonov"),
+        default="cutoff",
+        help="ridge regularisation of skmatter's Ridge2FoldCV (default cutoff)",
+    )
+    p.add_argument(
+        "--alpha-type",
+        choices=("relative", "absolute"),
+        default="relative",
+        help="alphas relative to the largest singular value (default) or absolute",
+    )
+    p.add_argument(
+        "--alphas",
+        type=_alphas,
+        default=DEFAULT_ALPHAS,
+        metavar="A,B,...",
+        help="alphas tried by the 2-fold CV (default: 20 from 1e-9 to 0.9, skmatter's)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_cluster_arguments(p)
     p.set_defaults(handler=run)
@@ -77,6 +107,9 @@ def run(args) -> int:
             seed=args.seed,
             solver=args.solver,
             pointwise=not args.no_pointwise,
+            regularization_method=args.regularization,
+            alpha_type=args.alpha_type,
+            alphas=args.alphas,
         )
     if args.json:
         print(
