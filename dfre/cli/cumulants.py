@@ -74,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
         for name in names:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", CumulantNotice)
-                written = compute_cumulants(store, name, order, name=args.name)
+                written = compute_cumulants(
+                    store, name, order, name=args.name, device="cuda" if args.gpu else "cpu"
+                )
             for warning in caught:
                 if issubclass(warning.category, CumulantNotice):
                     print(f"dfre: notice: {name}: {warning.message}", file=sys.stderr)

@@ -52,7 +52,7 @@ import numpy as np
 
 from dfre.cluster import compute
 from dfre.errors import DfreError
-from dfre.linalg.backend import array_module
+from dfre.linalg.backend import array_module, to_numpy
 
 #: Target number of atom rows per aligned chunk when the input is a numpy array.
 DEFAULT_CHUNK_ROWS = 1 << 16
@@ -291,10 +291,15 @@ def structures_per_block(offsets: np.ndarray, target_atoms: int, width: int) -> 
     return max(1, min(by_atoms, by_bytes, n_structures))
 
 
-def _cumulants_to_zarr(source, target, offsets, first, order, masked) -> int:
+def _cumulants_to_zarr(source, target, offsets, first, order, masked, device="cpu") -> int:
     """One task: read the rows of a block of structures, write their descriptor rows."""
     lo, hi = int(offsets[0]), int(offsets[-1])
-    phi = structure_cumulants(source[lo:hi], offsets - lo, order)
+    rows = source[lo:hi]
+    if device == "cuda":  # pragma: no cover - needs a GPU
+        import cupy
+
+        rows = cupy.asarray(rows)
+    phi = to_numpy(structure_cumulants(rows, offsets - lo, order))
     phi[masked] = np.nan
     target[first : first + len(phi)] = phi
     return len(phi)
@@ -307,6 +312,7 @@ def compute_cumulants(
     *,
     name: str | None = None,
     block_atoms: int | None = None,
+    device: str = "cpu",
 ) -> str:
     """Compute :math:`\\phi^{(M)}` of feature set ``feature_name`` into ``descriptors/``.
 
@@ -316,11 +322,14 @@ def compute_cumulants(
     of a block of whole structures (about ``block_atoms`` atoms, default the feature
     chunk size) straight from Zarr and writes exactly one chunk of the descriptor, so no
     data moves between workers. Structures containing atoms masked for that model get
-    NaN rows. Attributes: ``kind="cumulants"``, ``feature``, ``order``, ``dim`` (d),
+    NaN rows. ``device="cuda"`` computes each block with CuPy on the worker's GPU.
+    Attributes: ``kind="cumulants"``, ``feature``, ``order``, ``dim`` (d),
     ``layout`` and ``complete`` (written last: without ``complete=True`` it is unfinished).
     Returns the descriptor name.
     """
     order = check_order(order)
+    if device not in ("cpu", "cuda"):
+        raise DfreError(f"device must be 'cpu' or 'cuda' (got {device!r})")
     source = store.feature_array(feature_name)
     offsets = check_offsets(store.offsets, store.n_atoms)
     _notice_single_atoms(offsets, order)
@@ -340,7 +349,7 @@ def compute_cumulants(
     target.attrs.update({"kind": "cumulants", "complete": False})
     write = dask.delayed(_cumulants_to_zarr, pure=True)
     tasks = [
-        write(source, target, offsets[s : s + block + 1], s, order, masked[s : s + block])
+        write(source, target, offsets[s : s + block + 1], s, order, masked[s : s + block], device)
         for s in range(0, n_structures, block)
     ]
     compute(*tasks, label=f"cumulants of {feature_name} up to order {order}")
