@@ -388,3 +388,10 @@ def test_cli_cumulants_bad_study_selection(tmp_path, capsys):
     assert main([*argv, "--selection", "bogus:3"]) == 2
     assert capsys.readouterr().err.startswith("dfre: error: ")
     assert Store.open(tmp_path / "s.zarr").descriptor_names() == []
+
+
+def test_unknown_device(tmp_path):
+    store, _ = make_store(tmp_path / "s.zarr", [3, 2])
+    with pytest.raises(DfreError, match="device must be 'cpu' or 'cuda'"):
+        compute_cumulants(store, "toy/ll", 2, device="tpu")
+    assert store.descriptor_names() == []
