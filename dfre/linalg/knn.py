@@ -26,6 +26,7 @@ Every operation uses the array module of the data (numpy or CuPy).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import dask
@@ -39,6 +40,18 @@ from dfre.linalg.backend import array_module
 DEFAULT_TILE_ROWS = 8192
 #: Query rows per task of :func:`knn`.
 DEFAULT_QUERY_BLOCK = 2048
+
+
+@functools.cache
+def _threadpool_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def single_threaded_blas():
+    """Context: BLAS on one thread inside a task (Dask runs the tasks in parallel)."""
+    return _threadpool_controller().limit(limits=1, user_api="blas")
 
 
 def _sort_candidates(dist, idx, k: int):
@@ -137,7 +150,7 @@ def _as_dask(x: Any, name: str, chunk_rows: int) -> da.Array:
 
 def _transform(block, mean, scale):
     xp = array_module(block)
-    return (xp.asarray(block, dtype=xp.float64) - mean) / scale
+    return (xp.asarray(block, dtype=xp.float64) - xp.asarray(mean)) / scale
 
 
 def knn_graph(
@@ -183,8 +196,9 @@ def knn_graph(
 
 
 def _knn_scaled(queries, train_block, shift, scale, k, offset, tile_rows):
-    train = _transform(train_block, shift, scale)
-    return knn_partition(queries, train, k, offset, tile_rows)
+    with single_threaded_blas():
+        train = _transform(train_block, shift, scale)
+        return knn_partition(queries, train, k, offset, tile_rows)
 
 
 def knn(queries, train, k: int, **kwargs):

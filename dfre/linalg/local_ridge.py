@@ -29,7 +29,7 @@ kernel :math:`K = X_c X_c^T` (k, k): a batched ``eigh`` of its fold blocks
 :math:`(x - \\bar x) X_c^T U S^{-2} U^T Y_c`, with the exact null direction
 :math:`(1, \\dots, 1)` of the centred kernel projected out first. An eigenvalue of a kernel is only
 accurate to about :math:`k\\,\\epsilon\\,\\lambda_{\\max}`, so a neighbourhood whose
-kept (or possibly kept) components include one with :math:`s < 10^{-3} s_{\\max}` is
+kept (or possibly kept) components include one with :math:`s < 10^{-5} s_{\\max}` is
 recomputed with batched SVDs of the centred data, exactly as scikit-matter does. The
 result therefore equals scikit-matter's to rounding on every neighbourhood.
 
@@ -51,8 +51,9 @@ DEFAULT_ALPHAS = np.geomspace(1e-9, 0.9, 20)
 #: scikit-matter's random state for the 2-fold split.
 RANDOM_STATE = 0x5F3759DF
 EPS = float(np.finfo(np.float64).eps)
-#: Kernel eigenvalues below this fraction of the largest are not trusted (s < 1e-3 s_max).
-RELIABLE_EIGENVALUE = 1e-6
+#: Kernel eigenvalues below this fraction of the largest are not trusted (s < 1e-5 s_max):
+#: their relative error may exceed about 1e-6 (absolute error ~ eps * lambda_max).
+RELIABLE_EIGENVALUE = 1e-10
 #: Absolute eigenvalue error of the kernel path, in units of k * eps * lambda_max.
 EIGH_NOISE = 10.0
 
@@ -74,8 +75,12 @@ def fold_positions(k: int, random_state: int = RANDOM_STATE) -> tuple[np.ndarray
 
 
 def _descending(w, v, rank: int):
-    """eigh output (ascending) as the ``rank`` largest, descending."""
-    return w[..., ::-1][..., :rank], v[..., ::-1][..., :rank]
+    """eigh output (ascending) as the ``rank`` largest, descending (contiguous for BLAS)."""
+    xp = array_module(w)
+    return (
+        xp.ascontiguousarray(w[..., ::-1][..., :rank]),
+        xp.ascontiguousarray(v[..., ::-1][..., :rank]),
+    )
 
 
 def _neg_rmse(y, pred):
@@ -113,7 +118,7 @@ def _direction_scores(a, b, s, denom, y_held, thresholds, rcond):
 def _best_alpha(a12, b1, s1, d1, a21, b2, s2, d2, y1, y2, alphas, rcond):
     """Index of the first best alpha per batch item and the scaled thresholds."""
     xp = array_module(a12)
-    scale = xp.maximum(s1.max(axis=1, initial=0.0), s2.max(axis=1, initial=0.0))
+    scale = xp.maximum(xp.maximum(s1.max(axis=1), s2.max(axis=1)), 0.0)
     thresholds = scale[:, None] * xp.asarray(alphas)[None, :]
     score12 = _direction_scores(a12, b1, s1, d1, y2, thresholds, rcond)
     score21 = _direction_scores(a21, b2, s2, d2, y1, thresholds, rcond)
@@ -131,33 +136,40 @@ def _unreliable(lam, threshold, k):
     return (doubtful & maybe_kept).any(axis=1)
 
 
-def _complement_of_ones(k: int) -> np.ndarray:
-    """Orthonormal basis (k, k-1) of the vectors orthogonal to (1, ..., 1) (Householder)."""
-    w = np.full(k, 1.0 / np.sqrt(k))
+def _reflect_ones(m):
+    """Householder reflection H m (rows axis 1) mapping (1, ..., 1)/sqrt(k) to e_1, minus
+    the first row: the rows of ``m`` in an orthonormal basis of the complement of ones."""
+    xp = array_module(m)
+    k = m.shape[1]
+    w = xp.full(k, 1.0 / np.sqrt(k))
     w[0] -= 1.0
-    reflector = np.eye(k) - 2.0 * np.outer(w, w) / (w @ w)
-    return reflector[:, 1:]
+    projection = xp.einsum("k,bkd->bd", w, m)
+    return (m - (2.0 / float(w @ w)) * w[None, :, None] * projection[:, None, :])[:, 1:]
+
+
+def _vector_times(v, m):
+    """Batched row vector times matrix: (b, n) x (b, n, p) -> (b, p)."""
+    return (v[:, None, :] @ m)[:, 0]
 
 
 def _kernel_path(xc, ycs, q, fold1, fold2, alphas, rcond):
     """Kernel (eigh) solution for every target; also flags items that need the SVD path."""
     xp = array_module(xc)
     k, d = xc.shape[1], xc.shape[2]
-    kern = xc @ xc.transpose(0, 2, 1)
     f1, f2 = xp.asarray(fold1), xp.asarray(fold2)
-    k21 = kern[:, f2][:, :, f1]
-    lam1, u1 = _descending(*xp.linalg.eigh(kern[:, f1][:, :, f1]), min(len(fold1), d))
-    lam2, u2 = _descending(*xp.linalg.eigh(kern[:, f2][:, :, f2]), min(len(fold2), d))
+    x1, x2 = xc[:, f1], xc[:, f2]
+    k21 = x2 @ x1.transpose(0, 2, 1)
+    lam1, u1 = _descending(*xp.linalg.eigh(x1 @ x1.transpose(0, 2, 1)), min(len(fold1), d))
+    lam2, u2 = _descending(*xp.linalg.eigh(x2 @ x2.transpose(0, 2, 1)), min(len(fold2), d))
     s1, s2 = xp.sqrt(xp.maximum(lam1, 0.0)), xp.sqrt(xp.maximum(lam2, 0.0))
     a12, a21 = k21 @ u1, k21.transpose(0, 2, 1) @ u2
     # The centred rows sum to zero: the ones direction is an exact null vector of the
-    # kernel (scikit-matter's SVD finds s ~ eps there, below every threshold). Removing it
-    # exactly keeps its rounding-level eigenvalue from posing as a kept component.
-    basis = xp.asarray(_complement_of_ones(k))
-    lam, uc = _descending(*xp.linalg.eigh(basis.T @ kern @ basis), min(k - 1, d))
-    u = basis @ uc
+    # kernel (scikit-matter's SVD finds s ~ eps there, below every threshold). Working in
+    # the complement of ones keeps its rounding-level eigenvalue from posing as kept.
+    xb = _reflect_ones(xc)
+    lam, ub = _descending(*xp.linalg.eigh(xb @ xb.transpose(0, 2, 1)), min(k - 1, d))
     s = xp.sqrt(xp.maximum(lam, 0.0))
-    kq_u = ((xc @ q[:, :, None]).transpose(0, 2, 1) @ u)[:, 0]
+    kq_u = _vector_times(_vector_times(q, xb.transpose(0, 2, 1)), ub)
     inverse = 1.0 / xp.where(lam > 0, lam, 1.0)
     predictions, bests = [], []
     redo = None
@@ -167,9 +179,9 @@ def _kernel_path(xc, ycs, q, fold1, fold2, alphas, rcond):
         best, threshold, thresholds = _best_alpha(
             a12, b1, s1, lam1, a21, b2, s2, lam2, y1, y2, alphas, rcond
         )
-        weights = xp.where(s > threshold[:, None], inverse, 0.0)
-        coef = (kq_u * weights)[:, None, :]
-        predictions.append((coef @ (u.transpose(0, 2, 1) @ yc))[:, 0])
+        coef = kq_u * xp.where(s > threshold[:, None], inverse, 0.0)
+        row = _vector_times(coef, ub.transpose(0, 2, 1))
+        predictions.append(_vector_times(row, _reflect_ones(yc)))
         bests.append(best)
         if redo is None:
             smallest = xp.maximum(thresholds.min(axis=1), rcond)
@@ -187,15 +199,15 @@ def _svd_path(xc, ycs, q, fold1, fold2, alphas, rcond):
     u2, s2, v2t = xp.linalg.svd(x2, full_matrices=False)
     a12, a21 = x2 @ v1t.transpose(0, 2, 1), x1 @ v2t.transpose(0, 2, 1)
     u, s, vt = xp.linalg.svd(xc, full_matrices=False)
-    q_v = (q[:, None, :] @ vt.transpose(0, 2, 1))[:, 0]
+    q_v = _vector_times(q, vt.transpose(0, 2, 1))
     inverse = 1.0 / xp.where(s > 0, s, 1.0)
     predictions, bests = [], []
     for yc in ycs:
         y1, y2 = yc[:, f1], yc[:, f2]
         b1, b2 = u1.transpose(0, 2, 1) @ y1, u2.transpose(0, 2, 1) @ y2
         best, threshold, _ = _best_alpha(a12, b1, s1, s1, a21, b2, s2, s2, y1, y2, alphas, rcond)
-        coef = (q_v * xp.where(s > threshold[:, None], inverse, 0.0))[:, None, :]
-        predictions.append((coef @ (u.transpose(0, 2, 1) @ yc))[:, 0])
+        coef = q_v * xp.where(s > threshold[:, None], inverse, 0.0)
+        predictions.append(_vector_times(_vector_times(coef, u.transpose(0, 2, 1)), yc))
         bests.append(best)
     return predictions, bests
 

@@ -37,12 +37,18 @@ import numpy as np
 
 from dfre.errors import DfreError
 from dfre.linalg.backend import array_module, to_numpy
-from dfre.linalg.knn import DEFAULT_QUERY_BLOCK, DEFAULT_TILE_ROWS, knn_graph
+from dfre.linalg.knn import (
+    DEFAULT_QUERY_BLOCK,
+    DEFAULT_TILE_ROWS,
+    knn_graph,
+    single_threaded_blas,
+)
 from dfre.linalg.local_ridge import DEFAULT_ALPHAS, RANDOM_STATE, local_ridge
+from dfre.lock import writes_store
 
 #: skmatter's StandardFlexibleScaler(atol=1e-12): smallest total variance accepted.
 ZERO_VARIANCE = 1e-12
-#: Bytes of float64 work arrays one local-ridge batch may use (numpy; CuPy gets 16x).
+#: Bytes of float64 work arrays one local-ridge batch may use (numpy; CuPy gets 32x).
 RIDGE_BATCH_BYTES = 1 << 27
 
 
@@ -179,7 +185,7 @@ def _fit_scalers(trains, tests, names) -> list[_Scaler]:
 # ---------------------------------------------------------------------- one block of queries
 def _ridge_batch(k: int, dims: Sequence[int], xp) -> int:
     per_item = 8 * 8 * (k * k + k * sum(dims))
-    budget = RIDGE_BATCH_BYTES * (16 if xp is not np else 1)
+    budget = RIDGE_BATCH_BYTES * (32 if xp is not np else 1)
     return max(1, budget // per_item)
 
 
@@ -194,6 +200,15 @@ def _ridge_block(x_train, x_query, x_scaler, y_trains, y_queries, y_scalers, nei
     ``neighbours`` (b, k) are positions into the train arrays; all targets share k.
     Returns ``(errors (T, b), alphas (T, b), n_exact)``.
     """
+    with single_threaded_blas():
+        return _ridge_block_body(
+            x_train, x_query, x_scaler, y_trains, y_queries, y_scalers, neighbours, alphas
+        )
+
+
+def _ridge_block_body(
+    x_train, x_query, x_scaler, y_trains, y_queries, y_scalers, neighbours, alphas
+):
     xp = array_module(x_train)
     neighbours = xp.asarray(neighbours)
     n_query, k = neighbours.shape
@@ -367,6 +382,7 @@ def lfre_matrix(
     )
 
 
+@writes_store("dfre lfre")
 def lfre_store(
     store: Any,
     names: Sequence[str],
@@ -402,6 +418,7 @@ def lfre_store(
     return result
 
 
+@writes_store("dfre lfre")
 def write_result(store: Any, run: str, result: LfreResult) -> None:
     """Write ``result`` into ``results/<run>`` of ``store`` (the results contract)."""
     from dfre import __version__
