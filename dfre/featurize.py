@@ -34,6 +34,7 @@ import dask
 import numpy as np
 
 from dfre.errors import DfreError
+from dfre.lock import writes_store
 from dfre.models.base import FeatureExtractor, Unsupported, load_extractor, set_torch_threads
 from dfre.store import Store
 
@@ -394,6 +395,7 @@ def describe_request(
     }
 
 
+@writes_store("dfre featurize")
 def featurize(
     store: Store | str,
     model: str,

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from dfre.errors import DfreError
+from dfre.lock import writes_store
 from dfre.store import (
     _BOOKKEEPING_FILES,
     DEFAULT_CHUNK_ATOMS,
@@ -264,6 +265,7 @@ class _Batch:
         self.frames, self.infos, self.origins, self.n_atoms, self.touched = [], [], [], 0, {}
 
 
+@writes_store("dfre ingest")
 def ingest(
     files: Sequence[str | os.PathLike],
     store: str | os.PathLike | Store,

@@ -44,6 +44,7 @@ from ase import Atoms
 from ase.data import atomic_numbers, reference_states
 
 from dfre.errors import DfreError
+from dfre.lock import writes_store
 from dfre.store import DEFAULT_CHUNK_ATOMS, Store, StructureBlock
 
 SUBSETS = (
@@ -305,6 +306,7 @@ def _segment_block(seed: int, index: int, n_atoms: int, energies: bool) -> Struc
     return StructureBlock.from_atoms(frames, info)
 
 
+@writes_store("dfre sample")
 def write_sample(
     store: str | os.PathLike | Store,
     n_atoms: int,

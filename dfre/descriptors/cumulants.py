@@ -53,6 +53,7 @@ import numpy as np
 from dfre.cluster import compute
 from dfre.errors import DfreError
 from dfre.linalg.backend import array_module, to_numpy
+from dfre.lock import writes_store
 
 #: Target number of atom rows per aligned chunk when the input is a numpy array.
 DEFAULT_CHUNK_ROWS = 1 << 16
@@ -305,6 +306,7 @@ def _cumulants_to_zarr(source, target, offsets, first, order, masked, device="cp
     return len(phi)
 
 
+@writes_store("dfre cumulants")
 def compute_cumulants(
     store: Any,
     feature_name: str,
@@ -455,6 +457,7 @@ def _complete_cumulants(store: Any, descriptor: str) -> tuple[da.Array, dict]:
     return values, attrs
 
 
+@writes_store("dfre cumulants --study")
 def cumulant_order_study(
     store: Any,
     descriptor: str,
@@ -486,6 +489,7 @@ def cumulant_order_study(
     )
 
 
+@writes_store("dfre cumulants --study")
 def cross_model_cumulants(
     store: Any,
     descriptors: Sequence[str],

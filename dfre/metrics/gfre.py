@@ -54,6 +54,7 @@ from dfre.linalg.ridge import (
     ridge_2fold_cv,
 )
 from dfre.linalg.scaling import FlexibleScaling, flexible_scaling, scaled_factor
+from dfre.lock import writes_store
 
 #: skmatter's defaults for the reconstruction measures.
 DEFAULT_ALPHAS = tuple(np.geomspace(1e-9, 0.9, 20))
@@ -416,6 +417,7 @@ def gfre_matrix(
 
 
 # ---------------------------------------------------------------------- store
+@writes_store("dfre gfre")
 def gfre_store(
     store: Any,
     names: Sequence[str],
@@ -454,6 +456,7 @@ def gfre_store(
     return result
 
 
+@writes_store("dfre gfre")
 def write_result(store: Any, run: str, result: GfreResult) -> None:
     """Write ``result`` into ``results/<run>`` of ``store`` (the results contract)."""
     from dfre import __version__

@@ -49,6 +49,7 @@ from skmatter.preprocessing import StandardFlexibleScaler
 
 from dfre import __version__
 from dfre.errors import DfreError
+from dfre.lock import writes_store
 
 #: Target name that selects the cohesive energy per atom.
 COHESIVE_ENERGY = "cohesive_energy"
@@ -193,6 +194,7 @@ def project(fitted: PCovRMap, descriptor: da.Array) -> np.ndarray:
     return np.asarray(lazy.compute())
 
 
+@writes_store("dfre pcovr")
 def pcovr_map(
     store: Any,
     descriptor: str,

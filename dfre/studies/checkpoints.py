@@ -21,10 +21,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from dfre.errors import DfreError
+from dfre.lock import writes_store
 
 METRICS = ("gfre", "lfre")
 
 
+@writes_store("dfre checkpoints")
 def checkpoint_trajectory(
     store: Any,
     names: Sequence[str],

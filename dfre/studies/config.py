@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dfre.errors import DfreError
+from dfre.lock import writes_store
 
 #: Allowed keys of each table and their types.
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -181,6 +182,7 @@ def _check_table(path: str, table: str, value: Any, index: int | None) -> dict:
     return dict(value)
 
 
+@writes_store("dfre run", argument="study")
 def run_study(study: Study, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every step of ``study`` on the active Dask scheduler; return what was made."""
     from dfre.store import Store
