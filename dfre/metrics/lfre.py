@@ -45,7 +45,6 @@ from dfre.linalg.knn import (
 )
 from dfre.linalg.local_ridge import DEFAULT_ALPHAS, RANDOM_STATE, local_ridge
 from dfre.lock import writes_store
-from dfre.lock import writes_store
 
 #: skmatter's StandardFlexibleScaler(atol=1e-12): smallest total variance accepted.
 ZERO_VARIANCE = 1e-12
@@ -384,7 +383,6 @@ def lfre_matrix(
 
 
 @writes_store("dfre lfre")
-@writes_store("dfre lfre")
 def lfre_store(
     store: Any,
     names: Sequence[str],
@@ -420,7 +418,6 @@ def lfre_store(
     return result
 
 
-@writes_store("dfre lfre")
 @writes_store("dfre lfre")
 def write_result(store: Any, run: str, result: LfreResult) -> None:
     """Write ``result`` into ``results/<run>`` of ``store`` (the results contract)."""
