@@ -88,7 +88,11 @@ def test_cluster_start_runs_dfre_on_slurm_jobs(local_slurm, tmp_path):
     try:
         wait_for_file(scheduler_file, proc)
         with cluster.connected(scheduler_file=scheduler_file, quiet=True) as client:
-            client.wait_for_workers(2, timeout=120)
+            try:
+                client.wait_for_workers(2, timeout=120)
+            except TimeoutError:
+                queue = subprocess.run(["squeue"], capture_output=True, text=True).stdout
+                pytest.fail(f"workers did not join within 120 s; squeue:\n{queue}")
             # the workers are processes of SLURM jobs that sbatch submitted
             job_ids = sorted(set(client.run(os.getenv, "SLURM_JOB_ID").values()))
             assert len(job_ids) == 2 and all(job_ids)

@@ -47,7 +47,7 @@ fi
 
 # --- slurm.conf for this one node
 HOST=$(hostname -s)
-CPUS=$(nproc)
+CPUS=$(getconf _NPROCESSORS_ONLN)  # not nproc: it obeys OMP_NUM_THREADS
 MEM_MB=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
 if [ -f "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
     echo "local-slurm: $CONF exists and was not written by dfre; using it unchanged" >&2
@@ -87,7 +87,7 @@ fi
 # --- daemons
 if ! alive "$(pid_of /run/slurmctld.pid)"; then
     rm -f /run/slurmctld.pid
-    slurmctld
+    slurmctld -c  # a fresh cluster: no jobs restored from an earlier run
     for _ in $(seq 50); do [ -s /run/slurmctld.pid ] && break; sleep 0.1; done
     echo "slurmctld $(cat /run/slurmctld.pid)" >> "$STATE/started.pids"
 fi

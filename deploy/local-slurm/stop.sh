@@ -8,7 +8,7 @@ PATH=$PATH:/usr/sbin
 
 if grep -q '^slurmctld ' "$STATE/started.pids"; then
     scancel --full --quiet $(squeue -h -o %i 2>/dev/null) 2>/dev/null || true
-    for _ in $(seq 50); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.2; done
+    for _ in $(seq 150); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.2; done
 fi
 
 # Stop in reverse order of starting: slurmd, slurmctld, munged.
