@@ -213,7 +213,10 @@ def _fit_fold(stats, k, names, slices, settings, pairs, dist_pairs, solver) -> _
     )
     ftr = scaled_factor(solver, n_train, mean_train, second_train, scaling)
     svds = {
-        a: [factor_svd(f.matrix[:, slices[a]], f.floor) for f in (f1, f2, ftr)]
+        a: [
+            factor_svd(f.matrix[:, slices[a]], f.floor, exact=solver == "tsqr")
+            for f in (f1, f2, ftr)
+        ]
         for a in sorted({a for a, _ in pairs})
     }
     model = _FoldModel(scaling, {}, {}, {}, {}, {}, fte.count)
