@@ -1,0 +1,105 @@
+"""Interruption: a whole ``dfre featurize`` (the command, its local cluster and its
+workers) is SIGKILLed half-way, as a batch system does at the wall-time limit. A
+re-run clears the stale lock, computes only the units not recorded done, and the
+store ends identical, array by array, to an uninterrupted run.
+
+(The same for ``dfre ingest``: tests/test_ingest.py::test_killed_ingest_resumes_without_duplicates.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+from ase.build import bulk, molecule
+
+from dfre.featurize import featurize, plan_units
+from dfre.lock import LOCK_NAME
+from dfre.store import Store, StructureBlock
+
+MODEL = "chgnet-0.3.0"
+CHUNK = 16
+DONE_LINE = re.compile(r"dfre: featurize \S+: chunks (\d+)-(\d+) done")
+
+
+def small_structures() -> list:
+    frames = []
+    for i in range(40):
+        for atoms in (bulk("Si", "diamond", 5.43), molecule("H2O"), bulk("NaCl", "rocksalt", 5.64)):
+            atoms = atoms.copy()
+            atoms.rattle(0.02, seed=i)
+            frames.append(atoms)
+    return frames
+
+
+def make_store(path) -> Store:
+    store = Store.create(path, chunk_atoms=CHUNK)
+    store.append(StructureBlock.from_atoms(small_structures()))
+    return store
+
+
+def featurize_command(path) -> list[str]:
+    return [
+        sys.executable, "-m", "dfre", "featurize", "--store", str(path), "--model", MODEL,
+        "--layers", "ll,bb", "--batch-atoms", "4", "--torch-threads", "1",
+        "--workers", "1", "--no-gpu", "--dashboard-address", ":0",
+    ]  # fmt: skip
+
+
+def model_arrays(path) -> dict[str, np.ndarray]:
+    group = Store.open(path).group["features"][MODEL]
+    return {name: np.asarray(arr[...]) for name, arr in group.arrays()}
+
+
+def test_killed_featurize_resumes_with_only_the_missing_units(tmp_path):
+    killed, reference = tmp_path / "killed.zarr", tmp_path / "reference.zarr"
+    n_units = len(plan_units(make_store(killed).offsets, CHUNK))
+    assert n_units >= 12
+
+    process = subprocess.Popen(
+        featurize_command(killed), stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    finished = 0
+    deadline = time.monotonic() + 180
+    for line in process.stderr:  # kill the whole process group after three units
+        finished += bool(DONE_LINE.search(line))
+        if finished == 3 or time.monotonic() > deadline:
+            break
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert finished == 3
+    time.sleep(0.5)  # the kernel reaps the killed workers
+
+    assert (killed / LOCK_NAME).exists()  # left behind by the killed command
+    before = model_arrays(killed)
+    done = before["_done_ll"] & before["_done_bb"]
+    missing = {
+        (u.c_lo, u.c_hi)
+        for u in plan_units(Store.open(killed).offsets, CHUNK)
+        if not done[u.c_lo : u.c_hi].all()
+    }
+    assert 0 < len(missing) <= n_units - 3
+    # rows of a unit not recorded done may hold anything; rows of done units are final
+    done_rows = np.repeat(before["_done_ll"], CHUNK)[: len(before["ll"])]
+    assert not np.isnan(before["ll"][done_rows]).any()
+
+    rerun = subprocess.run(featurize_command(killed), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "clearing stale lock" in rerun.stderr
+    redone = {(int(a), int(b) + 1) for a, b in DONE_LINE.findall(rerun.stderr)}
+    assert redone == missing
+    assert f"computed {len(missing)} of {n_units} units" in rerun.stdout
+    assert not (killed / LOCK_NAME).exists()
+
+    make_store(reference)
+    featurize(str(reference), MODEL, layers=["ll", "bb"], batch_atoms=4, torch_threads=1)
+    got, want = model_arrays(killed), model_arrays(reference)
+    assert sorted(got) == sorted(want) == ["_done_bb", "_done_ll", "_mask", "bb", "ll"]
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
