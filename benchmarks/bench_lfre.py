@@ -1,0 +1,159 @@
+"""LFRE benchmark: dfre's exact kNN + batched local ridge against skmatter, pair by pair.
+
+7a (default, the paper's protocol): ``--n-envs`` synthetic environments with feature dims
+144/512/240/128 (``synthetic.py``), ``--test`` stratified test environments, all other
+environments train, k = min(d_F, d_F') per pair, all 16 pairs. dfre computes the whole
+matrix; skmatter's ``pointwise_local_reconstruction_error`` (its per-point Python loop)
+runs on ``--reference-points`` of the test points for the first ``--reference-pairs``
+pairs. skmatter's full time per pair is EXTRAPOLATED as (scaler fit) + n_test x (time per
+point), and for pairs not run from the mean of those run; dfre's values on the same test
+points are checked against skmatter's. Full size (about 30 min of skmatter at P=1000):
+
+    python benchmarks/bench_lfre.py --n-envs 258000 --test 1000 \\
+        --reference-points 50 --reference-pairs 16
+
+7b (``--full-dataset``, GPU): every environment a query once (k-fold selection), one
+pair given by ``--pairs``; e.g. 1,000,000 environments, 512 -> 128, k = 128, 2 folds:
+
+    python benchmarks/bench_lfre.py --full-dataset --folds 2 --n-envs 1000000 \\
+        --dims 512 128 --k 128 --pairs 0-1 --device cuda --reference-points 0
+
+kNN throughput is queries per second (one query = the k nearest train rows of one test
+environment in one source space); local-ridge throughput is neighbourhood solves per
+second (one solve = one source→target pair at one test environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from synthetic import PAPER_DIMS, synthetic_features  # noqa: E402
+
+
+def parse_pairs(text: str | None, m: int) -> list[tuple[int, int]]:
+    if not text:
+        return [(i, j) for i in range(m) for j in range(m)]
+    return [tuple(int(v) for v in item.split("-")) for item in text.split(",")]
+
+
+def skmatter_reference(x, y, k, train, test, points):
+    """skmatter on ``points`` test rows: values, seconds per point, fixed seconds per call.
+
+    The call is timed on 1 and on ``points`` test rows; the difference gives the time per
+    point (distance row, argsort, local fit), the rest is the fixed cost (scaler fits).
+    """
+    from skmatter.metrics import pointwise_local_reconstruction_error
+
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    started = time.perf_counter()
+    pointwise_local_reconstruction_error(x64, y64, k, train_idx=train, test_idx=test[:1])
+    one = time.perf_counter() - started
+    started = time.perf_counter()
+    values = pointwise_local_reconstruction_error(
+        x64, y64, k, train_idx=train, test_idx=test[:points]
+    )
+    total = time.perf_counter() - started
+    per_point = max(total - one, 0.0) / max(points - 1, 1)
+    return values, per_point, max(one - per_point, 0.0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n-envs", type=int, default=258000)
+    p.add_argument("--test", type=int, default=1000, help="stratified test environments")
+    p.add_argument("--dims", type=int, nargs="+", default=list(PAPER_DIMS))
+    p.add_argument("--k", type=int, default=None, help="default min(d_F, d_F') per pair")
+    p.add_argument("--pairs", help="source-target index pairs, e.g. 0-1,2-3 (default all)")
+    p.add_argument("--full-dataset", action="store_true", help="k-fold: every env a query")
+    p.add_argument("--folds", type=int, default=2)
+    p.add_argument("--reference-points", type=int, default=20)
+    p.add_argument("--reference-pairs", type=int, default=16)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    import dask
+
+    from dfre.data.selection import make_selection
+    from dfre.metrics.lfre import k_matrix, lfre_matrix
+
+    dask.config.set(scheduler="threads", num_workers=args.threads)
+    started = time.perf_counter()
+    features, labels = synthetic_features(args.n_envs, args.dims, args.seed)
+    seconds = time.perf_counter() - started
+    print(f"data: {args.n_envs} environments, dims {args.dims} ({seconds:.1f} s)")
+    if args.full_dataset:
+        selection = make_selection(f"kfold:{args.folds}", args.n_envs, seed=args.seed)
+    else:
+        selection = make_selection(
+            f"stratified:{args.test}", args.n_envs, labels=labels, seed=args.seed
+        )
+    pairs = parse_pairs(args.pairs, len(args.dims))
+    kmat = k_matrix(args.dims, args.k)
+    n_test = sum(len(te) for _, te in selection.folds)
+    print(f"selection {selection.spec}: {n_test} test environments, {len(pairs)} pairs, "
+          f"device {args.device}, {args.threads} threads")
+
+    if args.device == "cuda":
+        import cupy
+
+        features = [cupy.asarray(f) for f in features]
+        cupy.cuda.Device().synchronize()
+    started = time.perf_counter()
+    result = lfre_matrix(features, selection, args.k, pairs=pairs, device=args.device)
+    dfre_seconds = time.perf_counter() - started
+    t = result.timings
+    print(f"\ndfre: {dfre_seconds:.1f} s for {len(pairs)} pairs x {n_test} test environments")
+    print(f"  kNN:         {t['knn_seconds']:.1f} s, {t['knn_queries']:.0f} queries, "
+          f"{t['knn_queries'] / max(t['knn_seconds'], 1e-9):,.0f} queries/s")
+    print(f"  local ridge: {t['ridge_seconds']:.1f} s, {t['ridge_solves']:.0f} neighbourhoods, "
+          f"{t['ridge_solves'] / max(t['ridge_seconds'], 1e-9):,.0f} neighbourhoods/s "
+          f"({t['exact_neighbourhoods']} of {t['ridge_neighbourhoods']} source "
+          "neighbourhoods needed the exact SVD path)")
+    names = [f"{d}" for d in args.dims]
+    print("  LFRE matrix (rows: source dim, columns: target dim; NaN = not computed):")
+    for name, row in zip(names, result.matrix, strict=True):
+        print(f"    {name:>5} " + " ".join(f"{v:8.4f}" for v in row))
+    if args.device == "cuda":
+        features = [f.get() for f in features]
+
+    if args.reference_points <= 0:
+        return 0
+    points = min(args.reference_points, n_test)
+    train, test = selection.folds[0]
+    per_pair, deviations = [], []
+    print(f"\nskmatter (per-point loop) on {points} of the {len(test)} test points per pair:")
+    for i, j in pairs[: args.reference_pairs]:
+        values, per_point, fixed = skmatter_reference(
+            features[i], features[j], int(kmat[i, j]), train, test, points
+        )
+        extrapolated = fixed + len(test) * per_point
+        per_pair.append(extrapolated)
+        ours = result.pointwise[i, j, :points]
+        deviation = np.max(np.abs(ours - values) / np.maximum(np.abs(values), 1e-12))
+        deviations.append(deviation)
+        print(f"  {args.dims[i]:>4} -> {args.dims[j]:<4} k={kmat[i, j]:<4} "
+              f"{per_point * 1e3:7.1f} ms/point, fixed {fixed:5.1f} s, "
+              f"EXTRAPOLATED pair total {extrapolated:7.1f} s, max rel. deviation "
+              f"{deviation:.1e}")
+    measured = len(per_pair)
+    total = sum(per_pair) * len(pairs) / measured
+    label = "EXTRAPOLATED" if measured == len(pairs) else (
+        f"EXTRAPOLATED from {measured} of {len(pairs)} pairs")
+    print(f"\nskmatter total for {len(pairs)} pairs x {len(test)} points ({label}): {total:.0f} s")
+    print(f"dfre total (measured, same run): {dfre_seconds:.1f} s")
+    print(f"speed-up: {total / dfre_seconds:.1f}x; worst relative deviation from skmatter "
+          f"{max(deviations):.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
