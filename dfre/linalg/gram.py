@@ -246,5 +246,20 @@ def group_statistics(
     fan_in = int(min(TREE_FAN_IN, max(2, MERGE_BUDGET_BYTES // result_bytes)))
     while len(parts) > 1:
         parts = [merge(*parts[i : i + fan_in]) for i in range(0, len(parts), fan_in)]
-    (result,) = dask.compute(parts[0])
+    (result,) = compute(parts[0])
     return result.to_numpy()
+
+
+def compute(*collections):
+    """``dask.compute`` with the active scheduler. Under Dask's local threaded scheduler,
+    whose threads already use every core, BLAS runs single-threaded meanwhile (no
+    oversubscription); distributed workers set their own thread counts."""
+    import dask.threaded
+    from threadpoolctl import threadpool_limits
+
+    found = [c for c in collections if dask.is_dask_collection(c)]
+    scheduler = dask.base.get_scheduler(collections=found) if found else dask.base.get_scheduler()
+    if scheduler is None or scheduler is dask.threaded.get:  # None: the threaded default
+        with threadpool_limits(limits=1, user_api="blas"):
+            return dask.compute(*collections)
+    return dask.compute(*collections)

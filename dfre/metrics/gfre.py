@@ -45,7 +45,7 @@ from sklearn.model_selection import KFold
 
 from dfre.errors import DfreError
 from dfre.linalg.backend import array_module, to_numpy
-from dfre.linalg.gram import GroupStatistics, group_statistics
+from dfre.linalg.gram import GroupStatistics, compute, group_statistics
 from dfre.linalg.ridge import (
     FoldData,
     RidgeSettings,
@@ -311,7 +311,7 @@ def _pointwise_pass(Z, labels, models, slices, pairs, n_sets, dist_pairs):
                         blk, rows, scaling, slices, dist_pairs, diff, n_sets
                     )
                 )
-    errors, distortions = dask.compute(errors, distortions)
+    errors, distortions = compute(errors, distortions)
     pw = np.concatenate(errors, axis=2)
     pd = np.concatenate(distortions, axis=2) if dist_pairs else None
     return pw, pd
