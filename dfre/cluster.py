@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
@@ -38,6 +39,7 @@ from typing import Any
 
 import dask
 from distributed import Client, Future, LocalCluster, futures_of, performance_report
+from distributed.core import Status
 from distributed.diagnostics.progressbar import TextProgressBar
 from distributed.security import Security
 from distributed.utils import is_kernel
@@ -584,3 +586,46 @@ def jobqueue_cluster(
         scheduler_options["dashboard_address"] = dashboard_address
     name = _register_settings(kind, settings)
     return cluster_class(config_name=name, scheduler_options=scheduler_options)
+
+
+def submit_workers(jobs, n: int) -> None:
+    """Scale dask-jobqueue cluster ``jobs`` to ``n`` workers and submit their jobs now.
+
+    A job the batch system refuses (unknown partition, account, resource request) raises
+    :class:`DfreError` with the batch system's own message instead of a background log.
+    """
+    refused = _SubmitErrors()
+    logger = logging.getLogger("tornado.application")
+    logger.addFilter(refused)
+    try:
+        jobs.scale(n)
+        jobs.sync(jobs._correct_state)  # waits for the submission that scale() scheduled
+        time.sleep(0.2)  # its outcome is logged by the event loop just after
+    finally:
+        logger.removeFilter(refused)
+    unsubmitted = [k for k, w in jobs.workers.items() if getattr(w, "job_id", None) is None]
+    for name in unsubmitted:  # their start failed and there is nothing to cancel
+        jobs.workers.pop(name).status = Status.failed
+        jobs.worker_spec.pop(name, None)
+    if refused.errors or unsubmitted:
+        submit = jobs.job_cls.submit_command.split()[0]
+        text = refused.errors[0] if refused.errors else "no job id came back"
+        lines = [line for line in text.split("stderr:")[-1].splitlines() if line.strip()]
+        raise DfreError(
+            f"{submit} refused the worker job ({'; '.join(lines)}): "
+            "fix the jobqueue config (queue, account, resources)"
+        )
+
+
+class _SubmitErrors(logging.Filter):
+    """Collects (and keeps off stderr) the event loop's report of a refused submission."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and "_correct_state" in record.getMessage():
+            self.errors.append(str(record.exc_info[1]))
+            return False
+        return True

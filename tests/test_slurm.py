@@ -187,3 +187,23 @@ def test_sbatch_study_script_runs_a_dfre_command(local_slurm, tmp_path):
     np.testing.assert_allclose(
         Store.open(store_path).descriptor(name), local.descriptor(name), rtol=1e-12, atol=1e-12
     )
+
+
+def test_refused_worker_job_is_a_one_line_error(local_slurm, tmp_path, capsys):
+    from dfre.cli import main
+
+    config = tmp_path / "jobqueue.yaml"
+    config.write_text(
+        "jobqueue:\n  slurm:\n    cores: 1\n    memory: 1GB\n    queue: no-such-partition\n"
+        "    interface: lo\n"
+    )
+    scheduler_file = tmp_path / "scheduler.json"
+    code = main(
+        ["cluster", "start", "--jobqueue", "slurm", "--config", str(config), "--workers", "1",
+         "--scheduler-file", str(scheduler_file), "--dashboard-address", ":0"]
+    )  # fmt: skip
+    assert code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dfre:")]
+    assert errors == [errors[0]] and errors[0].startswith("dfre: error: sbatch refused")
+    assert "invalid partition" in errors[0].lower()
+    assert not scheduler_file.exists()

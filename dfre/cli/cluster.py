@@ -117,7 +117,7 @@ def run_start(args: argparse.Namespace) -> int:
             jobs.adapt(minimum=adapt[0], maximum=adapt[1])
             sizing = f"adapting between {adapt[0]} and {adapt[1]} workers"
         else:
-            jobs.scale(args.workers or 1)
+            cluster.submit_workers(jobs, args.workers or 1)
             sizing = f"{args.workers or 1} workers requested"
         _say(f"scheduler {jobs.scheduler_address}, {sizing}")
         _say(f"dashboard {jobs.dashboard_link}")
