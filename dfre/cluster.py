@@ -152,14 +152,17 @@ def connect(
     if scheduler_file:
         address = read_scheduler_file(scheduler_file)
         where = f"{address} (from scheduler file {os.fspath(scheduler_file)})"
-        hint = "the scheduler has stopped and the file is stale: restart it or remove the file"
+        hint = "the file is stale (its scheduler has stopped) or the scheduler is unreachable "
+        hint += "from here: start the scheduler again or remove the file"
     elif scheduler:
         address, where = scheduler, f"{scheduler} (--scheduler)"
         hint = "check the address and that the scheduler is running"
     else:
-        address = os.environ.get(SCHEDULER_ENV) or dask.config.get("scheduler-address", None)
-        where = f"{address} (from {SCHEDULER_ENV})"
-        hint = f"start that scheduler or unset {SCHEDULER_ENV} to use a local cluster"
+        from_env = os.environ.get(SCHEDULER_ENV)
+        address = from_env or dask.config.get("scheduler-address", None)
+        source = SCHEDULER_ENV if from_env else "the Dask config's scheduler-address"
+        where = f"{address} (from {source})"
+        hint = f"start that scheduler or unset {source} to use a local cluster"
 
     if address:
         _require_tls_settings(str(address), where)
