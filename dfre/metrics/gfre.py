@@ -402,7 +402,7 @@ def gfre_matrix(
             "alpha_type": alpha_type,
             "regularization_method": regularization_method,
             "scoring": scoring,
-            "random_state": random_state,
+            "random_state": None if random_state is None else int(random_state),
             "shuffle": shuffle,
             "n_folds": len(folds),
         },
