@@ -46,7 +46,7 @@ if ! alive "$(pid_of /run/munge/munged.pid)"; then
 fi
 
 # --- slurm.conf for this one node
-HOST=$(hostname -s)
+HOST=$(hostname -s 2>/dev/null || uname -n | cut -d. -f1)
 CPUS=$(getconf _NPROCESSORS_ONLN)  # not nproc: it obeys OMP_NUM_THREADS
 MEM_MB=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
 if [ -f "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
