@@ -323,7 +323,8 @@ def test_scheduler_and_scheduler_file_together(tmp_path):
 
 
 def test_gpu_requested_without_gpu(capsys):
-    assert cluster.gpu_count() == 0  # this CPU machine: no CuPy/dask-cuda GPU
+    if cluster.gpu_count():
+        pytest.skip("this machine has a GPU that dask-cuda can use")
     with pytest.raises(DfreError, match="--gpu"):
         cluster.connect(gpu=True, dashboard_address=":0")
     assert main(["cluster", "info", "--gpu", "--dashboard-address", ":0"]) == 2
