@@ -33,11 +33,14 @@ def add_parser(subparsers) -> None:
         description="Start a Dask scheduler here whose workers are SLURM or PBS jobs, write "
         "its scheduler file, and stay in the foreground until interrupted.",
     )
-    start.add_argument("--jobqueue", required=True, choices=cluster.JOBQUEUE_KINDS)
+    start.add_argument(
+        "--jobqueue", required=True, choices=cluster.JOBQUEUE_KINDS, help="the batch system"
+    )
     start.add_argument(
         "--config",
         metavar="FILE",
-        help="YAML with a 'jobqueue: {slurm|pbs: ...}' section (default: the Dask config)",
+        help="YAML with a 'jobqueue: {slurm|pbs: ...}' section, or an analysis config "
+        "(YAML/TOML) with it under 'cluster' (default: the Dask config)",
     )
     size = start.add_mutually_exclusive_group()
     size.add_argument("--workers", type=int, metavar="N", help="keep N workers (default 1)")
