@@ -144,7 +144,7 @@ def read_frames(store: Store, s_lo: int, s_hi: int) -> list:
     import ase
 
     s = store.structures
-    offsets = store.offsets[s_lo : s_hi + 1]
+    offsets = np.asarray(s["offsets"][s_lo : s_hi + 1])  # not all offsets: only this slice
     lo, hi = int(offsets[0]), int(offsets[-1])
     numbers = np.asarray(s["numbers"][lo:hi]).astype(int)
     positions = np.asarray(s["positions"][lo:hi])
@@ -449,6 +449,7 @@ def featurize(
         )
     options = dict(options or {})
     if resources:
+        _require_resources(_client_or_error(), resources)
         info = (
             _client_or_error()
             .submit(
@@ -598,6 +599,19 @@ def _client_or_error():
             "worker resources need a distributed cluster: connect a Client first "
             "(dfre featurize --scheduler ADDRESS)"
         ) from None
+
+
+def _require_resources(client, resources: dict) -> None:
+    """A DfreError unless some worker offers every resource in ``resources``."""
+    for worker in client.scheduler_info()["workers"].values():
+        offered = worker.get("resources", {})
+        if all(offered.get(k, 0) >= v for k, v in resources.items()):
+            return
+    wanted = " ".join(f"{k}={v:g}" for k, v in resources.items())
+    raise DfreError(
+        f"no Dask worker offers the resources {wanted}: start workers in the model's "
+        f'environment with `dask worker SCHEDULER --resources "{wanted}"`'
+    )
 
 
 def _compute_as_completed(

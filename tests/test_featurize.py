@@ -339,5 +339,10 @@ def test_resources_send_every_task_to_the_workers_of_that_environment(tmp_path):
             c.retire_workers()
             worker.terminate()
             worker.wait(timeout=30)
-    with pytest.raises(DfreError, match="worker resources need a distributed cluster"):
-        featurize(store.path, "chgnet-0.3.0", resources={"chgnet_env": 1})
+
+
+def test_resources_no_worker_offers_are_a_one_line_error(client, tmp_path):
+    store = make_store(tmp_path / "s.zarr", [bulk("Si", "diamond", 5.43)], chunk_atoms=4)
+    with pytest.raises(DfreError, match="no Dask worker offers the resources mace=1"):
+        featurize(store.path, "chgnet-0.3.0", resources={"mace": 1})
+    assert list(Store.open(store.path).group["features"].group_keys()) == []
