@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--reference-points", type=int, default=20)
     p.add_argument("--reference-pairs", type=int, default=16)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--threads", type=int, default=None,
+                   help="Dask threads (default: the CPU count; 2 with --device cuda)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -85,6 +86,8 @@ def main(argv=None) -> int:
     from dfre.data.selection import make_selection
     from dfre.metrics.lfre import k_matrix, lfre_matrix
 
+    if args.threads is None:
+        args.threads = 2 if args.device == "cuda" else os.cpu_count()
     dask.config.set(scheduler="threads", num_workers=args.threads)
     started = time.perf_counter()
     features, labels = synthetic_features(args.n_envs, args.dims, args.seed)

@@ -90,3 +90,17 @@ def test_several_targets_share_the_source_decompositions():
         alone = local_ridge(x, t, q)
         np.testing.assert_array_equal(res.prediction, alone.prediction)
         np.testing.assert_array_equal(res.alpha, alone.alpha)
+
+
+def test_all_components_kept_takes_the_linear_solve_and_matches():
+    """Nearly linear targets choose the smallest alpha: the refit keeps every component
+    and is a linear solve with the reflected kernel (k - 1 <= d)."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(8, 16, 20))
+    y = x @ rng.normal(size=(20, 3)) + 1e-3 * rng.normal(size=(8, 16, 3))
+    q = rng.normal(size=(8, 20))
+    ref, ref_alpha = skmatter_local(x, y, q)
+    res = local_ridge(x, y, q)
+    assert (ref_alpha == 1e-9).sum() >= 6
+    np.testing.assert_allclose(res.prediction, ref, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(res.alpha, ref_alpha)

@@ -135,7 +135,7 @@ def _direction_scores(a, b, s, denom, y_held, thresholds, rcond):
     keep_base = s > rcond
     w = xp.where(keep_base, 1.0 / xp.where(denom > 0, denom, 1.0), 0.0)[:, :, None] * b
     gram = a.transpose(0, 2, 1) @ a
-    lower = xp.tril(gram, -1)
+    lower = gram * xp.tri(gram.shape[1], k=-1, dtype=bool)[None]
     diagonal = xp.diagonal(gram, axis1=1, axis2=2)
     quad = xp.cumsum(diagonal[:, :, None] * w**2 + 2.0 * w * (lower @ w), axis=1)
     cross = xp.cumsum((a.transpose(0, 2, 1) @ y_held) * w, axis=1)
@@ -210,6 +210,48 @@ def _vector_times(v, m):
     return (v[:, None, :] @ m)[:, 0]
 
 
+def _refit(kr, kq_r, thresholds, all_kept_likely, d):
+    """Refit on all k rows in the complement of ones, for every target.
+
+    ``kr`` (b, k-1, k-1) is the reflected kernel, ``kq_r`` (b, k-1) the reflected kernel
+    column of the query, ``thresholds`` (T, b) the chosen cutoff per target. Returns the
+    kernel eigenvalues (b, r) and, per target, the coefficients g (b, k-1) with
+    prediction :math:`g^T Y_c`: :math:`g = U \\mathrm{diag}(kept/\\lambda) U^T k_q`. Items
+    expected to keep every component (best alpha the smallest for all targets) first
+    try the eigenvalues alone: if all pass the cutoff, :math:`g = K^{-1} k_q` by a linear
+    solve, several times cheaper than eigenvectors.
+    """
+    xp = array_module(kr)
+    n_batch, size = kq_r.shape
+    rank = min(size, d)
+    lam = xp.empty((n_batch, rank))
+    coefs = [xp.empty((n_batch, size)) for _ in range(thresholds.shape[0])]
+    need_vectors = xp.ones(n_batch, dtype=bool)
+    tried = xp.nonzero(all_kept_likely)[0] if rank == size else xp.zeros(0, dtype=xp.int64)
+    if len(tried):
+        values = xp.ascontiguousarray(xp.linalg.eigvalsh(kr[tried])[:, ::-1])
+        top = xp.max(thresholds[:, tried], axis=0)
+        ok = values[:, -1] > top**2
+        solved = tried[ok]
+        if len(solved):
+            lam[solved] = values[ok]
+            g = xp.linalg.solve(kr[solved], kq_r[solved][:, :, None])[:, :, 0]
+            for coef in coefs:
+                coef[solved] = g
+            need_vectors[solved] = False
+    rest = xp.nonzero(need_vectors)[0]
+    if len(rest):
+        values, vectors = _descending(*xp.linalg.eigh(kr[rest]), rank)
+        lam[rest] = values
+        projected = _vector_times(kq_r[rest], vectors)
+        inverse = 1.0 / xp.where(values > 0, values, 1.0)
+        s = xp.sqrt(xp.maximum(values, 0.0))
+        for coef, threshold in zip(coefs, thresholds, strict=True):
+            kept = xp.where(s > threshold[rest][:, None], inverse, 0.0)
+            coef[rest] = _vector_times(projected * kept, vectors.transpose(0, 2, 1))
+    return lam, coefs
+
+
 def _kernel_path(xc, ycs, q, fold1, fold2, alphas, rcond):
     """Kernel (eigh) solution for every target; also flags items that need the SVD path."""
     xp = array_module(xc)
@@ -221,30 +263,30 @@ def _kernel_path(xc, ycs, q, fold1, fold2, alphas, rcond):
     lam2, u2 = _descending(*xp.linalg.eigh(kern[:, f2][:, :, f2]), min(len(fold2), d))
     s1, s2 = xp.sqrt(xp.maximum(lam1, 0.0)), xp.sqrt(xp.maximum(lam2, 0.0))
     a12, a21 = k21 @ u1, k21.transpose(0, 2, 1) @ u2
-    # The centred rows sum to zero: the ones direction is an exact null vector of the
-    # kernel (scikit-matter's SVD finds s ~ eps there, below every threshold). Working in
-    # the complement of ones keeps its rounding-level eigenvalue from posing as kept.
-    lam, ub = _descending(*xp.linalg.eigh(_reflect_kernel(kern)), min(k - 1, d))
-    s = xp.sqrt(xp.maximum(lam, 0.0))
-    kq = _vector_times(q, xc.transpose(0, 2, 1))
-    w, c = _ones_reflector(k, xp)
-    kq_u = _vector_times((kq - c * (kq @ w)[:, None] * w[None, :])[:, 1:], ub)
-    inverse = 1.0 / xp.where(lam > 0, lam, 1.0)
-    predictions, bests = [], []
-    redo = None
+    bests, chosen = [], []
+    smallest = None
     for yc in ycs:
         y1, y2 = yc[:, f1], yc[:, f2]
         b1, b2 = u1.transpose(0, 2, 1) @ y1, u2.transpose(0, 2, 1) @ y2
         best, threshold, thresholds = _best_alpha(
             a12, b1, s1, lam1, a21, b2, s2, lam2, y1, y2, alphas, rcond
         )
-        coef = kq_u * xp.where(s > threshold[:, None], inverse, 0.0)
-        row = _unreflect(_vector_times(coef, ub.transpose(0, 2, 1)))
-        predictions.append(_vector_times(row, yc))
         bests.append(best)
-        if redo is None:
+        chosen.append(threshold)
+        if smallest is None:
             smallest = xp.maximum(thresholds.min(axis=1), rcond)
-            redo = _unreliable(lam1, smallest, k) | _unreliable(lam2, smallest, k)
+    # The centred rows sum to zero: the ones direction is an exact null vector of the
+    # kernel (scikit-matter's SVD finds s ~ eps there, below every threshold). Working in
+    # the complement of ones keeps its rounding-level eigenvalue from posing as kept.
+    w, c = _ones_reflector(k, xp)
+    kq = _vector_times(q, xc.transpose(0, 2, 1))
+    kq_r = (kq - c * (kq @ w)[:, None] * w[None, :])[:, 1:]
+    first = int(np.argmin(alphas))
+    all_kept_likely = xp.stack([best == first for best in bests]).all(axis=0)
+    lam, coefs = _refit(_reflect_kernel(kern), kq_r, xp.stack(chosen), all_kept_likely, d)
+    predictions = [_vector_times(_unreflect(g), yc) for g, yc in zip(coefs, ycs, strict=True)]
+    redo = _unreliable(lam1, smallest, k) | _unreliable(lam2, smallest, k)
+    for threshold in chosen:
         redo |= _unreliable(lam, threshold, k)
     return predictions, bests, redo
 

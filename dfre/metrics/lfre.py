@@ -48,7 +48,7 @@ from dfre.lock import writes_store
 
 #: skmatter's StandardFlexibleScaler(atol=1e-12): smallest total variance accepted.
 ZERO_VARIANCE = 1e-12
-#: Bytes of float64 work arrays one local-ridge batch may use (numpy; CuPy gets 32x).
+#: Bytes of float64 work arrays one local-ridge batch may use (numpy; CuPy gets 8x).
 RIDGE_BATCH_BYTES = 1 << 27
 
 
@@ -178,14 +178,14 @@ def _fit_scalers(trains, tests, names) -> list[_Scaler]:
                 f"feature set {name} is constant on the train rows (total variance "
                 f"{var_sum:.3g}): it cannot be scaled; drop it or check how it was computed"
             )
-        scalers.append(_Scaler(mean, float(np.sqrt(var_sum))))
+        scalers.append(_Scaler(to_numpy(mean), float(np.sqrt(var_sum))))
     return scalers
 
 
 # ---------------------------------------------------------------------- one block of queries
 def _ridge_batch(k: int, dims: Sequence[int], xp) -> int:
     per_item = 8 * 8 * (k * k + k * sum(dims))
-    budget = RIDGE_BATCH_BYTES * (32 if xp is not np else 1)
+    budget = RIDGE_BATCH_BYTES * (8 if xp is not np else 1)
     return max(1, budget // per_item)
 
 
@@ -331,7 +331,7 @@ def lfre_matrix(
     gpu = device == "cuda" or array_module(arrays[0]) is not np
     opts = {
         "query_block": query_block or (4 * DEFAULT_QUERY_BLOCK if gpu else DEFAULT_QUERY_BLOCK),
-        "tile_rows": tile_rows or (8 * DEFAULT_TILE_ROWS if gpu else DEFAULT_TILE_ROWS),
+        "tile_rows": tile_rows or (2 * DEFAULT_TILE_ROWS if gpu else DEFAULT_TILE_ROWS),
     }
     n_rows = arrays[0].shape[0]
     folds = _folds_of(selection, n_rows)
