@@ -54,7 +54,7 @@ def add_parser(subparsers) -> None:
         default=None,
         metavar="LAYER=MODULE",
         help="generic model: a layer and the dotted path of the module whose input it "
-        "is (repeatable), e.g. ll=mlp.layers.3",
+        "is (repeatable), e.g. ll=mlp.layers.7",
     )
     p.add_argument(
         "--option",
