@@ -27,7 +27,9 @@ kernel :math:`K = X_c X_c^T` (k, k): a batched ``eigh`` of its fold blocks
 :math:`K_{ff} = U_f S_f^2 U_f^T` gives the same :math:`s_f, U_f`, and
 :math:`X_2 V_1 S_1^{-1} U_1^T = K_{21} U_1 S_1^{-2} U_1^T`; the refit uses
 :math:`(x - \\bar x) X_c^T U S^{-2} U^T Y_c`, with the exact null direction
-:math:`(1, \\dots, 1)` of the centred kernel projected out first. An eigenvalue of a kernel is only
+:math:`(1, \\dots, 1)` of the centred kernel projected out first (a plain linear solve
+when every component is kept). The CV errors of all alphas come from prefix sums over the
+components (:func:`_direction_scores`). An eigenvalue of a kernel is only
 accurate to about :math:`k\\,\\epsilon\\,\\lambda_{\\max}`, so a neighbourhood whose
 kept (or possibly kept) components include one with :math:`s < 10^{-5} s_{\\max}` is
 recomputed with batched SVDs of the centred data, exactly as scikit-matter does. The
