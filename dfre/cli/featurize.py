@@ -91,7 +91,7 @@ def add_parser(subparsers) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="torch threads per worker (default: CPU cores / Dask threads)",
+        help="torch threads per worker (default: CPU cores / Dask workers)",
     )
     add_cluster_arguments(p)
     p.set_defaults(handler=run)
@@ -178,6 +178,7 @@ def run(args) -> int:
 
 
 def _default_torch_threads(client) -> int:
-    """The CPU cores here shared among all Dask threads (exact for a local cluster)."""
-    threads = sum(client.nthreads().values()) or 1
-    return max(1, (os.cpu_count() or 1) // threads)
+    """The CPU cores here shared among the worker processes: a process runs one forward
+    pass at a time (the model is shared by its threads), so it may use its whole share."""
+    workers = len(client.nthreads()) or 1
+    return max(1, (os.cpu_count() or 1) // workers)
