@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.metadata
+import inspect
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -254,10 +255,26 @@ def load_extractor(name: str, device: str = "cpu", **options: Any) -> FeatureExt
                     f"model {name} needs the Python package '{spec.package}', which is not "
                     f"installed: {spec.install_hint}"
                 )
+            _check_options(name, spec.loader, options)
             extractor = spec.loader(device=device, **options)
             extractor.load_args = (name, dict(options))  # to load it again elsewhere
             _CACHE[key] = extractor
         return _CACHE[key]
+
+
+def _check_options(name: str, loader: Callable, options: dict) -> None:
+    """A one-line error naming the options (``--option``, ``--weights``) that the loader
+    of model ``name`` does not take, instead of a TypeError from deep inside."""
+    parameters = inspect.signature(loader).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = sorted(set(options) - set(parameters))
+    if unknown:
+        known = [k for k in parameters if k != "device"]
+        raise DfreError(
+            f"model {name} does not take the option(s) {', '.join(unknown)}; it takes "
+            f"{', '.join(known) or 'no options'} (see `dfre models`)"
+        )
 
 
 def loaded_models() -> list[str]:
@@ -273,6 +290,33 @@ def set_torch_threads(n: int | None) -> None:
 
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+
+
+def check_checkpoint(path: str, what: str, trust: bool) -> None:
+    """Refuse a user's model file that only loads by full unpickling, unless trusted.
+
+    A ``torch.save`` file is a pickle: unpickling it can run any code it holds. Files
+    that ``torch.load(weights_only=True)`` reads (tensors, plain containers) are safe,
+    and then so is their loading by the model's package. Other files (a pickled
+    ``nn.Module``, MACE ``.model``, fairchem checkpoints) are opened only with
+    ``trust=True`` (``--trust-checkpoint``). Weights shipped inside an installed model
+    package (CHGNet, SevenNet) are package data and do not pass through here.
+    """
+    if trust:
+        return
+    import pickle
+
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise DfreError(
+            f"{what} file {path} is a full Python pickle: opening it can run any code it "
+            "holds; pass --trust-checkpoint (trust_checkpoint=True) only if you trust its source"
+        ) from None
+    except Exception:  # not a torch.save file at all: the loader reports it
+        return
 
 
 def require_file(path: str | os.PathLike | None, what: str) -> str:

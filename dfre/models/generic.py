@@ -33,6 +33,7 @@ from dfre.models.base import (
     FeatureExtractor,
     Layer,
     ModelSpec,
+    check_checkpoint,
     load_extractor,
     register,
     require_file,
@@ -163,8 +164,9 @@ def _capture_output(store: dict, layer: str):
     return hook
 
 
-def load_torch_module(path: str, device: str) -> Any:
-    """A TorchScript file or a pickled ``nn.Module``; a DfreError if it is neither."""
+def load_torch_module(path: str, device: str, trust_checkpoint: bool = False) -> Any:
+    """A TorchScript file or a pickled ``nn.Module`` (the latter only if trusted, see
+    :func:`dfre.models.base.check_checkpoint`); a DfreError if it is neither."""
     import torch
 
     path = require_file(path, "generic model")
@@ -172,6 +174,7 @@ def load_torch_module(path: str, device: str) -> Any:
         return torch.jit.load(path, map_location=device)
     except Exception:
         pass
+    check_checkpoint(path, "generic model", trust_checkpoint)
     try:
         model = torch.load(path, map_location=device, weights_only=False)
     except Exception as error:
@@ -204,6 +207,7 @@ def load_generic(
     runner: str | None = None,
     cutoff: float = 5.0,
     name: str = "generic",
+    trust_checkpoint: bool = False,
 ) -> GenericExtractor:
     """The generic extractor (see the module docstring)."""
     hooks = dict(hooks or {})
@@ -220,7 +224,7 @@ def load_generic(
             "the generic model needs base=REGISTRY_NAME, or --weights PATH and "
             "--option runner=package.module:function"
         )
-    model = load_torch_module(path, str(torch_device(device)))
+    model = load_torch_module(path, str(torch_device(device)), trust_checkpoint)
     model.eval()
     return GenericExtractor(
         name,

@@ -28,6 +28,7 @@ from dfre.models.base import (
     FeatureExtractor,
     Layer,
     ModelSpec,
+    check_checkpoint,
     register,
     require_file,
     torch_device,
@@ -130,11 +131,19 @@ def _last_linear(module: Any) -> Any:
     return last
 
 
-def load_mace(device: str = "cpu", *, path: str | None = None, head: str | None = None):
-    """Load a MACE model file (``torch.load`` of a ``.model`` file)."""
+def load_mace(
+    device: str = "cpu",
+    *,
+    path: str | None = None,
+    head: str | None = None,
+    trust_checkpoint: bool = False,
+):
+    """Load a MACE model file (``torch.load`` of a ``.model`` file, a full pickle: only
+    with ``trust_checkpoint``, see :func:`dfre.models.base.check_checkpoint`)."""
     import torch
 
     path = require_file(path, "MACE")
+    check_checkpoint(path, "MACE model", trust_checkpoint)
     try:
         model = torch.load(path, map_location=torch_device(device), weights_only=False)
     except Exception as error:

@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 
 from dfre.errors import DfreError
-from dfre.models.base import FeatureExtractor, Layer, ModelSpec, register, require_file
+from dfre.models.base import (
+    FeatureExtractor,
+    Layer,
+    ModelSpec,
+    check_checkpoint,
+    register,
+    require_file,
+)
 
 LAYERS = {
     "bb": Layer("bb", None, "l=0 channel of the backbone node_embedding"),
@@ -113,11 +120,14 @@ def load_uma(
     path: str | None = None,
     task: str = "omat",
     energy_head: str | None = None,
+    trust_checkpoint: bool = False,
 ) -> UMAExtractor:
-    """Load a UMA checkpoint through fairchem's ``load_predict_unit``."""
+    """Load a UMA checkpoint through fairchem's ``load_predict_unit`` (which unpickles
+    it fully: only with ``trust_checkpoint``, see :func:`dfre.models.base.check_checkpoint`)."""
+    path = require_file(path, "UMA")
+    check_checkpoint(path, "UMA checkpoint", trust_checkpoint)
     from fairchem.core import pretrained_mlip
 
-    path = require_file(path, "UMA")
     try:
         predictor = pretrained_mlip.load_predict_unit(path, device=device)
     except Exception as error:
