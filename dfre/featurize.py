@@ -437,16 +437,11 @@ def featurize(
     Runs on the active Dask scheduler: the current ``distributed.Client`` if there
     is one (results are collected as tasks finish), else dask's default scheduler.
     """
-    if batch_atoms < 1:
-        raise DfreError(f"--batch-atoms must be a positive number of atoms, got {batch_atoms}")
+    name = name or model
+    check_settings(name, batch_atoms)
     store = store if isinstance(store, Store) else Store.open(store, mode="r+")
     if not store.writable:
         store = Store.open(store.path, mode="r+")
-    name = name or model
-    if "/" in name or name.startswith("_") or not name:
-        raise DfreError(
-            f"model name '{name}' in the store must be non-empty, without '/' or a leading '_'"
-        )
     options = dict(options or {})
     if resources:
         _require_resources(_client_or_error(), resources)
@@ -535,6 +530,17 @@ def featurize(
         seconds=seconds,
         masked=masked,
     )
+
+
+def check_settings(name: str, batch_atoms: int) -> None:
+    """One-line errors for a bad model name in the store or batch size (checked by the
+    CLI before a cluster starts)."""
+    if batch_atoms < 1:
+        raise DfreError(f"--batch-atoms must be a positive number of atoms, got {batch_atoms}")
+    if "/" in name or name.startswith("_") or not name:
+        raise DfreError(
+            f"model name '{name}' in the store must be non-empty, without '/' or a leading '_'"
+        )
 
 
 def default_chunk_rows(n_atoms: int, store_chunk: int) -> int:

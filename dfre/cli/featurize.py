@@ -8,7 +8,7 @@ import sys
 import dask
 
 from dfre.cluster import add_cluster_arguments, client_from_args
-from dfre.featurize import DEFAULT_BATCH_ATOMS, check_request, featurize
+from dfre.featurize import DEFAULT_BATCH_ATOMS, check_request, check_settings, featurize
 from dfre.lock import store_lock
 from dfre.store import Store
 
@@ -47,6 +47,13 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument(
         "--weights", default=None, metavar="PATH", help="model file, for user-file models"
+    )
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="open a --weights file that only loads by full unpickling (a pickled module, "
+        "MACE .model, fairchem checkpoint): it can run any code it holds, so only for files "
+        "from a source you trust (see README, Safe loading)",
     )
     p.add_argument(
         "--hook",
@@ -102,6 +109,8 @@ def model_options(args) -> dict:
     options: dict = {}
     if args.weights:
         options["path"] = os.path.abspath(args.weights)
+    if getattr(args, "trust_checkpoint", False):
+        options["trust_checkpoint"] = True
     if args.hook:
         options["hooks"] = dict(_key_value(h, "--hook") for h in args.hook)
     for item in args.option or []:
@@ -141,6 +150,7 @@ def run(args) -> int:
     options = model_options(args)
     resources = dict(_resource(r) for r in args.resources or [])
     store = Store.open(args.store, mode="r+")
+    check_settings(args.name or args.model, args.batch_atoms)
     if not resources:  # one-line errors (model, weights, layers, store) before a cluster starts
         check_request(store, args.model, layers, options)
     # worker processes may start graph-builder processes only if they are not daemonic

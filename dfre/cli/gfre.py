@@ -91,18 +91,24 @@ def format_matrix(names: list[str], matrix: np.ndarray) -> str:
 
 
 def run(args) -> int:
-    from dfre.data.selection import parse_spec
+    from dfre.data.selection import selection_for_store
+    from dfre.errors import DfreError
     from dfre.store import Store
 
     store = Store.open(args.store, mode="r+")
     for name in args.features:  # fail on bad input before any cluster starts
         store.feature_array(name)
-    parse_spec(args.selection)
+    if len(args.features) < 2:
+        raise DfreError(f"give at least two feature sets to compare (got {args.features})")
+    if len(set(args.features)) != len(args.features):
+        raise DfreError(f"feature sets are repeated in {args.features}: give each once")
+    valid = store.valid_rows(args.features)
+    selection = selection_for_store(args.selection, store, seed=args.seed, valid=valid)
     with store_lock(args.store, "dfre gfre"), client_from_args(args):
         result = gfre_store(
             store,
             args.features,
-            args.selection,
+            selection,
             run=args.run,
             seed=args.seed,
             solver=args.solver,

@@ -51,7 +51,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from dfre.cli.gfre import format_matrix
-    from dfre.data.selection import parse_spec
+    from dfre.data.selection import selection_for_store
     from dfre.errors import DfreError
     from dfre.metrics.breakdown import breakdown
     from dfre.metrics.lfre import lfre_store
@@ -60,15 +60,16 @@ def run(args) -> int:
     store = Store.open(args.store, mode="r+")
     for name in args.features:  # fail on bad input before any cluster starts
         store.feature_array(name)
-    parse_spec(args.selection)
     if args.k is not None and args.k < 2:
         raise DfreError(f"--k {args.k}: the local 2-fold ridge needs at least 2 neighbours")
+    valid = store.valid_rows(args.features)
+    selection = selection_for_store(args.selection, store, seed=args.seed, valid=valid)
     device = "cuda" if getattr(args, "gpu", None) else None
     with store_lock(args.store, "dfre lfre"), client_from_args(args):
         result = lfre_store(
             store,
             args.features,
-            args.selection,
+            selection,
             k=args.k,
             run=args.run,
             seed=args.seed,
