@@ -53,6 +53,7 @@ def run(args) -> int:
     from dfre.cli.gfre import format_matrix
     from dfre.data.selection import selection_for_store
     from dfre.errors import DfreError
+    from dfre.linalg.backend import gpu_available
     from dfre.metrics.breakdown import breakdown
     from dfre.metrics.lfre import lfre_store
     from dfre.store import Store
@@ -64,7 +65,8 @@ def run(args) -> int:
         raise DfreError(f"--k {args.k}: the local 2-fold ridge needs at least 2 neighbours")
     valid = store.valid_rows(args.features)
     selection = selection_for_store(args.selection, store, seed=args.seed, valid=valid)
-    device = "cuda" if getattr(args, "gpu", None) else None
+    gpu = getattr(args, "gpu", None)
+    device = "cuda" if gpu or (gpu is None and gpu_available()) else None
     with store_lock(args.store, "dfre lfre"), client_from_args(args):
         result = lfre_store(
             store,
