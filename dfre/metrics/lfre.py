@@ -291,8 +291,8 @@ def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
         ):
             pointwise[i, targets, rows] = to_numpy(err)
             alpha[i, targets, rows] = to_numpy(chosen)
-            timings["exact_neighbourhoods"] += n_exact
-            timings["ridge_neighbourhoods"] += rows.stop - rows.start
+            timings["exact_neighbourhoods"] += int(n_exact)
+            timings["ridge_neighbourhoods"] += int(rows.stop - rows.start)
         timings["ridge_solves"] += len(test) * int((kmat[i] > 0).sum())
         timings["ridge_seconds"] += time.perf_counter() - started
     return pointwise, alpha
