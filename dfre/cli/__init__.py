@@ -19,7 +19,7 @@ from dfre.errors import DfreError
 COMMAND_MODULES: list[str] = [
     "ingest", "sample", "info", "featurize", "models",
     "cumulants", "pcovr", "report", "chemiscope", "cluster", "gfre", "lfre", "checkpoints",
-    "study"]
+    "study", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
