@@ -17,9 +17,11 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def client():
+    """Two thread workers sharing this process's model cache (so the forward lock is
+    exercised); worker processes are tested by the CLI and resources tests."""
     with (
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
         ) as cluster,
         Client(cluster) as c,
     ):
