@@ -274,7 +274,7 @@ def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
             targets = [int(j) for j in np.flatnonzero(kmat[i] == k_value)]
             for b, nbr in enumerate(neighbours):
                 tasks.append(
-                    dask.delayed(_ridge_block, pure=True)(
+                    dask.delayed(_ridge_block, pure=False)(
                         train_blocks[i],
                         test_blocks[i][b],
                         scalers[i],
