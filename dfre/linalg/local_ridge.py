@@ -235,9 +235,12 @@ def _refit(kr, kq_r, thresholds, all_kept_likely, d):
         top = xp.max(thresholds[:, tried], axis=0)
         ok = values[:, -1] > top**2
         solved = tried[ok]
+        try:
+            g = xp.linalg.solve(kr[solved], kq_r[solved][:, :, None])[:, :, 0]
+        except np.linalg.LinAlgError:  # an exactly singular kernel (rank-deficient features)
+            solved = solved[:0]  # all of them take the eigenvector path below
         if len(solved):
             lam[solved] = values[ok]
-            g = xp.linalg.solve(kr[solved], kq_r[solved][:, :, None])[:, :, 0]
             for coef in coefs:
                 coef[solved] = g
             need_vectors[solved] = False
