@@ -126,26 +126,27 @@ def _direction_scores(a, b, s, denom, y_held, thresholds, rcond):
     .. math::
 
         \\|y_c - a_{:n} W_{:n,c}\\|^2 = \\|y_c\\|^2 - 2 \\sum_{j<n} (a^T y)_{jc} W_{jc}
-            + \\sum_{j<n} \\big(G_{jj} W_{jc}^2 + 2 W_{jc} \\sum_{l<j} G_{jl} W_{lc}\\big),
+            + \\sum_{j<n} W_{jc} (L W)_{jc}, \\quad L = G_{\\mathrm{diag}} + 2 G_{\\mathrm{lower}},
 
-    prefix sums that give every alpha's error for the price of one prediction. Where an
-    error is below :math:`10^{-6}` of the terms it cancels, the expansion has lost
-    digits, and those items are scored directly (:func:`_direct_scores`).
+    prefix sums that give every alpha's error for the price of one prediction. The prefix
+    sums at the alphas' :math:`n_j` are one batched product with the 0/1 matrix
+    :math:`M_{jl} = [l < n_j]` (BLAS, far faster than a cumulative sum over the middle
+    axis). Where an error is below :math:`10^{-6}` of the terms it cancels, the expansion
+    has lost digits, and those items are scored directly (:func:`_direct_scores`).
     """
     xp = array_module(a)
-    n_batch, n_held = y_held.shape[:2]
+    n_held = y_held.shape[1]
+    rank = s.shape[1]
     keep_base = s > rcond
     w = xp.where(keep_base, 1.0 / xp.where(denom > 0, denom, 1.0), 0.0)[:, :, None] * b
     gram = a.transpose(0, 2, 1) @ a
-    lower = gram * xp.tri(gram.shape[1], k=-1, dtype=bool)[None]
-    diagonal = xp.diagonal(gram, axis1=1, axis2=2)
-    quad = xp.cumsum(diagonal[:, :, None] * w**2 + 2.0 * w * (lower @ w), axis=1)
-    cross = xp.cumsum((a.transpose(0, 2, 1) @ y_held) * w, axis=1)
+    factor = 2.0 * xp.tri(rank, k=-1) + xp.eye(rank)
+    quad_terms = w * ((gram * factor[None]) @ w)
+    cross_terms = (a.transpose(0, 2, 1) @ y_held) * w
     counts = ((s[:, None, :] > thresholds[:, :, None]) & keep_base[:, None, :]).sum(axis=2)
-    zero = xp.zeros((n_batch, 1, y_held.shape[2]))
-    at = (xp.maximum(counts, 0)[:, :, None],)
-    quad_n = xp.take_along_axis(xp.concatenate([zero, quad], axis=1), *at, axis=1)
-    cross_n = xp.take_along_axis(xp.concatenate([zero, cross], axis=1), *at, axis=1)
+    prefix = (xp.arange(rank)[None, None, :] < counts[:, :, None]).astype(xp.float64)
+    quad_n = prefix @ quad_terms
+    cross_n = prefix @ cross_terms
     norms = xp.sum(y_held**2, axis=1)[:, None, :]
     sse = norms - 2.0 * cross_n + quad_n
     scores = -xp.sqrt(xp.maximum(sse, 0.0) / n_held).mean(axis=2)
