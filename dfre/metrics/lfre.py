@@ -50,6 +50,9 @@ from dfre.lock import writes_store
 ZERO_VARIANCE = 1e-12
 #: Bytes of float64 work arrays one local-ridge batch may use (numpy; CuPy gets 8x).
 RIDGE_BATCH_BYTES = 1 << 27
+#: Queries per local-ridge task on CPU: a query block is split so that every (source, k)
+#: gives several tasks and the Dask threads share the dominant (largest k) work evenly.
+CPU_RIDGE_QUERIES = 128
 
 
 @dataclass
@@ -194,12 +197,18 @@ def _scaled(x, scaler: _Scaler):
     return (xp.asarray(x, dtype=xp.float64) - xp.asarray(scaler.mean)) / scaler.scale
 
 
-def _ridge_block(x_train, x_query, x_scaler, y_trains, y_queries, y_scalers, neighbours, alphas):
+def _ridge_block(
+    x_train, x_query, x_scaler, y_trains, y_queries, y_scalers, neighbours, alphas, rows=None
+):
     """Pointwise errors and chosen alphas of one query block for several targets.
 
     ``neighbours`` (b, k) are positions into the train arrays; all targets share k.
+    ``rows`` (a slice) picks the b queries out of the query blocks (default all).
     Returns ``(errors (T, b), alphas (T, b), n_exact)``.
     """
+    if rows is not None:
+        x_query = x_query[rows]
+        y_queries = [y[rows] for y in y_queries]
     with single_threaded_blas():
         return _ridge_block_body(
             x_train, x_query, x_scaler, y_trains, y_queries, y_scalers, neighbours, alphas
@@ -273,19 +282,22 @@ def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
         for k_value in np.unique(kmat[i][kmat[i] > 0]):
             targets = [int(j) for j in np.flatnonzero(kmat[i] == k_value)]
             for b, nbr in enumerate(neighbours):
-                tasks.append(
-                    dask.delayed(_ridge_block, pure=False)(
-                        train_blocks[i],
-                        test_blocks[i][b],
-                        scalers[i],
-                        [train_blocks[j] for j in targets],
-                        [test_blocks[j][b] for j in targets],
-                        [scalers[j] for j in targets],
-                        nbr[:, : int(k_value)],
-                        alphas,
+                for lo in range(0, len(nbr), opts["ridge_queries"]):
+                    hi = min(lo + opts["ridge_queries"], len(nbr))
+                    tasks.append(
+                        dask.delayed(_ridge_block, pure=False)(
+                            train_blocks[i],
+                            test_blocks[i][b],
+                            scalers[i],
+                            [train_blocks[j] for j in targets],
+                            [test_blocks[j][b] for j in targets],
+                            [scalers[j] for j in targets],
+                            nbr[lo:hi, : int(k_value)],
+                            alphas,
+                            slice(lo, hi),
+                        )
                     )
-                )
-                keys.append((targets, slice(bounds[b], bounds[b + 1])))
+                    keys.append((targets, slice(bounds[b] + lo, bounds[b] + hi)))
         for (targets, rows), (err, chosen, n_exact) in zip(
             keys, dask.compute(*tasks), strict=True
         ):
@@ -333,6 +345,8 @@ def lfre_matrix(
         "query_block": query_block or (4 * DEFAULT_QUERY_BLOCK if gpu else DEFAULT_QUERY_BLOCK),
         "tile_rows": tile_rows or (2 * DEFAULT_TILE_ROWS if gpu else DEFAULT_TILE_ROWS),
     }
+    # GPUs want the largest batches; CPU threads want several tasks per (source, k).
+    opts["ridge_queries"] = opts["query_block"] if gpu else CPU_RIDGE_QUERIES
     n_rows = arrays[0].shape[0]
     folds = _folds_of(selection, n_rows)
     kmat = k_matrix([a.shape[1] for a in arrays], k)
@@ -367,6 +381,7 @@ def lfre_matrix(
         "n_folds": len(folds),
         "query_block": opts["query_block"],
         "tile_rows": opts["tile_rows"],
+        "ridge_queries": opts["ridge_queries"],
         "device": "cuda" if gpu else "cpu",
     }
     return LfreResult(
