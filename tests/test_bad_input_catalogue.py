@@ -92,6 +92,9 @@ CASES = [
      "ask for fewer"),
     ("selection-one-fold", "lfre --store {S} --features a/x b/x --selection kfold:1",
      "selection 'kfold:1' needs at least 2 folds"),
+    ("selection-structures", "cumulants --store {S} --features a/x --order 2 --study gfre "
+     "--selection kfold:100",
+     "selection 'kfold:100' asks for 100 test items but only 10 valid rows exist: ask for fewer"),
     # models
     ("model-unknown", "featurize --store {S} --model nosuch-model",
      f"unknown model 'nosuch-model'; known models: {MODELS} (see `dfre models`)"),

@@ -65,10 +65,15 @@ def run(args: argparse.Namespace) -> int:
         raise DfreError("--name needs exactly one --features")
     for name in names:
         store.feature_array(name)  # unknown names fail before anything is written
-    if args.study:
-        from dfre.data.selection import parse_spec
+    if args.study:  # a bad or too large selection fails before anything is written
+        import numpy as np
 
-        parse_spec(args.selection)  # a bad spec fails before anything is written
+        from dfre.data.selection import make_selection
+
+        structures = np.arange(store.n_structures)
+        make_selection(
+            args.selection, store.n_structures, labels=store.subsets(), groups=structures
+        )
     with store_lock(args.store, f"dfre cumulants --order {order}"), client_from_args(args):
         descriptors = []
         for name in names:
