@@ -1,0 +1,122 @@
+"""``dfre demo``: the embedded study end to end at a tiny size with two CHGNet models, its
+resumable re-run, the resolution of the embedded study file, and one-line errors."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from dfre.cli import main
+from dfre.data.sample import write_sample
+from dfre.store import Store
+from dfre.studies.config import load_study
+from dfre.studies.demo import demo_models, resolve_demo_study, run_demo, write_demo_study
+
+LOCAL = ["--workers", "1", "--dashboard-address", ":0"]
+MODELS = ["chgnet-0.3.0", "chgnet-r2scan"]
+
+
+def test_demo_end_to_end_and_rerun(tmp_path, capsys):
+    store_path, out = tmp_path / "demo.zarr", tmp_path / "report"
+    args = ["demo", "--atoms", "200", "--models", ",".join(MODELS)]
+    assert main([*args, "--store", str(store_path), "--out", str(out), *LOCAL]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'index.html'}" in printed
+    assert f"dfre run {out / 'study.toml'}" in printed
+
+    store = Store.open(store_path)
+    assert store.n_atoms >= 200
+    assert store.feature_names() == [f"{m}/{layer}" for m in MODELS for layer in ("bb", "ll")]
+    expected = {
+        "gfre-cross-model",
+        "lfre-cross-model",
+        "gfre-fine-tune",
+        "lfre-fine-tune",
+        "gfre-backbone-vs-last-layer",
+        "gfre-orders-cumulants-chgnet-0.3.0-ll-M8",
+        "pcovr-cumulants-chgnet-0.3.0-ll-M8",
+    }
+    assert set(store.result_names()) == expected  # "variants" needs two of its models
+    for run in expected - {"pcovr-cumulants-chgnet-0.3.0-ll-M8"}:
+        matrix = np.asarray(store.result(run)["matrix"][...])
+        assert np.isfinite(matrix).all(), run
+        if "cumulants" not in run:  # ~10 structures are too few for the structure level
+            assert np.allclose(np.diag(matrix), 0, atol=0.05), run  # a set rebuilds itself
+    cross = store.result("gfre-cross-model")
+    assert list(cross.attrs["names"]) == [f"{m}/ll" for m in MODELS]
+    assert cross.attrs["selection"] == "stratified:50"  # capped at a quarter of the atoms
+    off_diagonal = np.asarray(cross["matrix"][...])[[0, 1], [1, 0]]
+    assert (off_diagonal > 0.01).all()  # two different models
+    pcovr = store.result("pcovr-cumulants-chgnet-0.3.0-ll-M8")
+    assert np.isfinite(pcovr["coordinates"][...]).all()
+    html = (out / "index.html").read_text()
+    assert html.count("data:image/png") >= 10
+    assert (out / "gfre-cross-model-gfre.png").stat().st_size > 1000
+    assert os.path.normpath(load_study(out / "study.toml").store) == str(store_path)
+
+    # Re-run on the same store (default scheduler): nothing is featurized again.
+    logs: list[str] = []
+    made = run_demo(store_path, out, atoms=200, models=MODELS, log=logs.append)
+    computed = [line for line in logs if line.startswith("features ")]
+    assert len(computed) == 2 and all(" 0 atoms computed" in line for line in computed)
+    assert set(made["results"]) == expected
+    again = np.asarray(Store.open(store_path).result("gfre-cross-model")["matrix"][...])
+    np.testing.assert_allclose(again, np.asarray(cross["matrix"][...]), rtol=1e-6, atol=1e-9)
+
+
+def test_embedded_study_resolves_for_every_model(tmp_path):
+    path = write_demo_study(tmp_path / "s.zarr", tmp_path / "out", atoms=4000)
+    study = load_study(path)
+    assert os.path.normpath(study.store) == str(tmp_path / "s.zarr")
+    assert study.get("features")["models"] == demo_models()
+    assert len(demo_models()) == 8
+    names = {c["name"]: c for c in study.get("compare")}
+    assert list(names) == ["cross-model", "variants", "fine-tune", "backbone-vs-last-layer"]
+    assert len(names["cross-model"]["features"]) == 8
+    assert names["cross-model"]["selection"] == "stratified:500"  # not capped at 4000 atoms
+    assert study.get("cumulants")["features"] == ["chgnet-0.3.0/ll", "sevennet-0/ll"]
+
+
+def test_model_subset_keeps_only_comparisons_with_two_feature_sets():
+    data = resolve_demo_study(atoms=1000, models=["sevennet-0", "sevennet-l3i5"])
+    assert [c["name"] for c in data["compare"]] == [
+        "cross-model",
+        "variants",
+        "backbone-vs-last-layer",
+    ]
+    assert data["compare"][2]["features"] == ["sevennet-0/bb", "sevennet-0/ll"]
+    assert all(c["selection"] == "stratified:250" for c in data["compare"])
+    single = resolve_demo_study(atoms=1000, models=["chgnet-r2scan"])
+    assert [c["name"] for c in single["compare"]] == ["backbone-vs-last-layer"]
+    assert single["cumulants"]["features"] == ["chgnet-r2scan/ll"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--models", "chgnet-0.3.0,mace"], "--models: mace not in the demo; choose from"),
+        (["--models", "chgnet-0.3.0,chgnet-0.3.0"], "--models repeats a model"),
+        (["--atoms", "20"], "--atoms 20 is too small for the demo"),
+    ],
+)
+def test_bad_arguments(tmp_path, capsys, args, message):
+    store = tmp_path / "demo.zarr"
+    code = main(["demo", *args, "--store", str(store), "--out", str(tmp_path / "r"), *LOCAL])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dfre: error: ") and message in err[-1]
+    assert not store.exists()
+
+
+def test_store_with_other_data_is_refused_untouched(tmp_path, capsys):
+    store = tmp_path / "other.zarr"
+    write_sample(store, 160, seed=5)
+    before = Store.open(store).summary()
+    code = main(["demo", "--atoms", "200", "--store", str(store), "--out", str(tmp_path), *LOCAL])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"dfre: error: store {store} holds dfre sample seed=5 atoms=160")
+    assert "give the same --atoms as when it was made, or a new --store" in err
+    assert Store.open(store).summary() == before
