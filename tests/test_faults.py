@@ -129,7 +129,7 @@ def test_featurize_survives_a_killed_worker(cluster, tmp_path):
     assert_same_arrays(features, arrays_of(group(undisturbed)))
 
 
-def synthetic_feature_store(sample_store, path, chunk: int = 16) -> list[str]:
+def synthetic_feature_store(sample_store, path, chunk: int = 32) -> list[str]:
     """A copy of the sample store with three correlated float32 feature sets."""
     shutil.copytree(sample_store, path)
     store = Store.open(path, mode="r+")
