@@ -1,4 +1,4 @@
-"""Figures of a dfre report (matplotlib, Agg backend): heat maps, breakdowns, maps, curves.
+"""Figures of a dfre report (matplotlib): heat maps, breakdowns, maps, curves.
 
 Every function returns a :class:`matplotlib.figure.Figure`; :func:`save` writes it as PNG
 and SVG (text kept as text in the SVG, so the printed values can be searched).
@@ -14,15 +14,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+# Figures are made as plain ``Figure`` objects, never through pyplot, so building a
+# report neither needs nor changes a GUI backend (notebooks keep their inline figures).
 
 #: Cells are annotated with their value when a heat map has at most this many cells.
 MAX_ANNOTATED_CELLS = 900
+
+
+def _subplots(*grid: int, figsize: tuple[float, float]):
+    """A new figure and its axes, like ``pyplot.subplots`` but without pyplot."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid)
 
 
 def cell_text(value: float) -> str:
@@ -44,7 +49,7 @@ def heatmap(
     values = np.asarray(values, dtype=np.float64)
     n_rows, n_cols = values.shape
     width = max(1.6 + 0.75 * max(n_cols, 2), 1.5 + 0.085 * len(title))  # room for the title
-    fig, ax = plt.subplots(figsize=(width, 1.4 + 0.55 * max(n_rows, 2)))
+    fig, ax = _subplots(figsize=(width, 1.4 + 0.55 * max(n_rows, 2)))
     finite = values[np.isfinite(values)]
     vmax = max(1.0, float(finite.max())) if finite.size else 1.0
     image = ax.imshow(values, cmap="viridis_r", vmin=0.0, vmax=vmax, aspect="auto")
@@ -134,7 +139,7 @@ def pcovr_maps(
     coordinates = np.asarray(coordinates, dtype=np.float64)
     target = np.asarray(target, dtype=np.float64)
     subsets = np.asarray(subsets).astype(str)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
+    fig, (left, right) = _subplots(1, 2, figsize=(11, 4.6))
     for ax in (left, right):
         if reference is not None:
             ref = np.asarray(reference, dtype=np.float64)
@@ -142,7 +147,7 @@ def pcovr_maps(
         ax.set_xlabel("PCov 1")
         ax.set_ylabel("PCov 2" if coordinates.shape[1] > 1 else "")
     y = coordinates[:, 1] if coordinates.shape[1] > 1 else np.zeros(len(coordinates))
-    cmap = plt.get_cmap("tab20" if len(set(subsets.tolist())) > 10 else "tab10")
+    cmap = matplotlib.colormaps.get_cmap("tab20" if len(set(subsets.tolist())) > 10 else "tab10")
     for k, subset in enumerate(sorted(set(subsets.tolist()))):
         rows = subsets == subset
         left.scatter(coordinates[rows, 0], y[rows], s=8, color=cmap(k % cmap.N), label=subset)
@@ -162,7 +167,7 @@ def checkpoint_curves(series: Sequence[dict], *, title: str) -> Figure:
 
     Each series is ``{"label": str, "x": [...], "y": [...], "x_label": str}``.
     """
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = _subplots(figsize=(6.5, 4.2))
     for s in series:
         ax.plot(s["x"], s["y"], marker="o", label=s["label"])
     ax.set_xlabel(series[0].get("x_label", "checkpoint") if series else "checkpoint")
@@ -175,12 +180,11 @@ def checkpoint_curves(series: Sequence[dict], *, title: str) -> Figure:
 
 
 def save(fig: Figure, directory: str | os.PathLike, stem: str) -> dict[str, str]:
-    """Write ``<stem>.png`` and ``<stem>.svg`` into ``directory``; close the figure."""
+    """Write ``<stem>.png`` and ``<stem>.svg`` into ``directory``."""
     paths = {}
     with matplotlib.rc_context({"svg.fonttype": "none"}):
         for ext in ("png", "svg"):
             path = os.path.join(os.fspath(directory), f"{stem}.{ext}")
             fig.savefig(path, dpi=120 if ext == "png" else None)
             paths[ext] = path
-    plt.close(fig)
     return paths
