@@ -231,10 +231,13 @@ def group_statistics(
         labels = labels[None]
     Z = Z.rechunk({1: -1})
     used = np.flatnonzero((labels >= 0).any(axis=0))
-    shift = to_numpy(Z[int(used[0]) if len(used) else 0].compute()).astype(np.float64)
-    shift[~np.isfinite(shift)] = 0.0  # non-finite values are reported, not propagated
     blocks = Z.to_delayed().ravel()
     bounds = np.cumsum((0, *Z.chunks[0]))
+    # The shift row is read inside the same graph (not by a compute of its own, whose
+    # differently optimised keys would clash with this pass's on a distributed scheduler).
+    row = int(used[0]) if len(used) else 0
+    block = int(np.searchsorted(bounds, row, side="right")) - 1
+    shift = dask.delayed(_shift_row, pure=True)(blocks[block], row - int(bounds[block]))
     chunk = dask.delayed(chunk_statistics, pure=True)
     merge = dask.delayed(merge_statistics, pure=True)
     parts = [
@@ -248,6 +251,14 @@ def group_statistics(
         parts = [merge(*parts[i : i + fan_in]) for i in range(0, len(parts), fan_in)]
     (result,) = compute(parts[0])
     return result.to_numpy()
+
+
+def _shift_row(block, row: int) -> np.ndarray:
+    """Row ``row`` of ``block`` on the host in float64; non-finite entries set to 0
+    (non-finite values are reported by the checks, not propagated)."""
+    shift = to_numpy(block[row]).astype(np.float64)
+    shift[~np.isfinite(shift)] = 0.0
+    return shift
 
 
 def compute(*collections):
