@@ -41,6 +41,7 @@ from dfre.errors import DfreError
 SCHEMA_VERSION = 1
 DEFAULT_CHUNK_ATOMS = 1 << 16
 DEFAULT_CHUNK_STRUCTURES = 1 << 14
+RESULT_CHUNK = 1 << 16  # test environments per chunk of a result's per-environment arrays
 
 #: Label used for structures whose info has no subset key.
 UNLABELLED = "unlabelled"
@@ -591,6 +592,41 @@ class Store:
         self._require_writable()
         group = self.group["results"].create_group(run, overwrite=True)
         group.update_attributes({"created": _now(), **(attrs or {})})
+        return group
+
+    def write_run(
+        self,
+        run: str,
+        kind: str,
+        result: Any,
+        arrays: dict[str, np.ndarray],
+    ) -> zarr.Group:
+        """Write one metric run into ``results/<run>`` (the results contract).
+
+        Attributes come from ``result`` (``names``, ``selection``, ``config``); ``arrays``
+        are stored chunked along their last axis (the test environments), and the
+        selection, when it can save itself, into the subgroup ``selection``.
+        """
+        from dfre import __version__
+
+        selection = result.selection
+        attrs = {
+            "kind": kind,
+            "names": list(result.names),
+            "selection": getattr(selection, "spec", "explicit"),
+            "config": result.config,
+            "dfre_version": __version__,
+        }
+        group = self.create_result(run, attrs)
+        for key, values in arrays.items():
+            values = np.asarray(values)
+            last = (max(1, min(values.shape[-1], RESULT_CHUNK)),) if values.ndim else ()
+            arr = group.create_array(
+                key, shape=values.shape, dtype=values.dtype, chunks=values.shape[:-1] + last
+            )
+            arr[...] = values
+        if hasattr(selection, "save"):
+            selection.save(group.create_group("selection"))
         return group
 
     # ------------------------------------------------------------------ summary

@@ -60,7 +60,6 @@ from dfre.lock import writes_store
 DEFAULT_ALPHAS = tuple(np.geomspace(1e-9, 0.9, 20))
 RANDOM_STATE = 0x5F3759DF
 DEFAULT_CHUNK_ROWS = 1 << 15
-RESULT_CHUNK = 1 << 16  # test environments per chunk of the stored per-environment arrays
 
 FOLD1, FOLD2, TEST = 0, 1, 2
 GROUPS_PER_FOLD = 3
@@ -462,21 +461,10 @@ def gfre_store(
 @writes_store("dfre gfre")
 def write_result(store: Any, run: str, result: GfreResult) -> None:
     """Write ``result`` into ``results/<run>`` of ``store`` (the results contract)."""
-    from dfre import __version__
-
     if not store.writable:
         from dfre.store import Store
 
         store = Store.open(store.path, mode="r+")
-    selection = result.selection
-    attrs = {
-        "kind": "gfre",
-        "names": list(result.names),
-        "selection": getattr(selection, "spec", "explicit"),
-        "config": result.config,
-        "dfre_version": __version__,
-    }
-    group = store.create_result(run, attrs)
     arrays = {
         "matrix": result.matrix,
         "alpha": result.alpha,
@@ -487,12 +475,7 @@ def write_result(store: Any, run: str, result: GfreResult) -> None:
         arrays["pointwise"] = result.pointwise
     if result.distortion is not None:
         arrays["distortion"] = result.distortion
-    for key, values in arrays.items():
-        chunks = values.shape[:-1] + (min(values.shape[-1], RESULT_CHUNK),) if values.ndim else ()
-        arr = group.create_array(key, shape=values.shape, dtype=values.dtype, chunks=chunks)
-        arr[...] = values
-    if hasattr(selection, "save"):
-        selection.save(group.create_group("selection"))
+    store.write_run(run, "gfre", result, arrays)
 
 
 # ---------------------------------------------------------------------- skmatter-compatible

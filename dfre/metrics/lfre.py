@@ -436,21 +436,10 @@ def lfre_store(
 @writes_store("dfre lfre")
 def write_result(store: Any, run: str, result: LfreResult) -> None:
     """Write ``result`` into ``results/<run>`` of ``store`` (the results contract)."""
-    from dfre import __version__
-
     if not store.writable:
         from dfre.store import Store
 
         store = Store.open(store.path, mode="r+")
-    selection = result.selection
-    attrs = {
-        "kind": "lfre",
-        "names": list(result.names),
-        "selection": getattr(selection, "spec", "explicit"),
-        "config": result.config,
-        "dfre_version": __version__,
-    }
-    group = store.create_result(run, attrs)
     arrays = {
         "matrix": result.matrix.astype(np.float64),
         "alpha": result.alpha.astype(np.float64),
@@ -458,11 +447,7 @@ def write_result(store: Any, run: str, result: LfreResult) -> None:
         "test_rows": result.test_rows.astype(np.int64),
         "pointwise": result.pointwise.astype(np.float64),
     }
-    for key, values in arrays.items():
-        arr = group.create_array(key, shape=values.shape, dtype=values.dtype, chunks=values.shape)
-        arr[...] = values
-    if hasattr(selection, "save"):
-        selection.save(group.create_group("selection"))
+    store.write_run(run, "lfre", result, arrays)
 
 
 # ---------------------------------------------------------------------- skmatter-compatible
