@@ -338,3 +338,30 @@ def _kfold(pool, k, rng, spec, n_rows) -> tuple[Fold, ...]:
         raise _too_many(spec, k, len(pool))
     parts = np.array_split(rng.permutation(pool), k)
     return tuple(_split(pool, part, n_rows) for part in parts)
+
+
+def skmatter_default_split(
+    n_rows: int, train_idx=None, test_idx=None, *, random_state: int = 0x5F3759DF
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows scikit-matter's reconstruction measures use for given (or absent) splits.
+
+    With neither ``train_idx`` nor ``test_idx`` it is skmatter's shuffled 50/50
+    ``train_test_split`` with its fixed random state; with one of them, the other is
+    every remaining row; with both, they are used as given (order kept).
+    """
+    if train_idx is None and test_idx is None:
+        from skmatter.model_selection import train_test_split
+
+        return train_test_split(
+            np.arange(n_rows),
+            test_size=0.5,
+            train_size=0.5,
+            random_state=random_state,
+            shuffle=True,
+            train_test_overlap=False,
+        )
+    if train_idx is None:
+        return np.setdiff1d(np.arange(n_rows), test_idx), np.asarray(test_idx)
+    if test_idx is None:
+        return np.asarray(train_idx), np.setdiff1d(np.arange(n_rows), train_idx)
+    return np.asarray(train_idx), np.asarray(test_idx)

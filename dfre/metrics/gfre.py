@@ -43,6 +43,7 @@ import dask.array as da
 import numpy as np
 from sklearn.model_selection import KFold
 
+from dfre.data.selection import skmatter_default_split
 from dfre.errors import DfreError
 from dfre.linalg.backend import array_module, to_numpy
 from dfre.linalg.gram import GroupStatistics, compute, group_statistics
@@ -514,25 +515,6 @@ def _settings_from(scaler: Any, estimator: Any) -> dict:
     }
 
 
-def _default_split(n_rows: int, train_idx, test_idx) -> tuple[np.ndarray, np.ndarray]:
-    """skmatter's choice of rows: a shuffled 50/50 split when neither is given."""
-    if train_idx is None and test_idx is None:
-        from sklearn.model_selection import train_test_split
-
-        return train_test_split(
-            np.arange(n_rows),
-            test_size=0.5,
-            train_size=0.5,
-            random_state=RANDOM_STATE,
-            shuffle=True,
-        )
-    if train_idx is None:
-        return np.setdiff1d(np.arange(n_rows), test_idx), np.asarray(test_idx)
-    if test_idx is None:
-        return np.asarray(train_idx), np.setdiff1d(np.arange(n_rows), train_idx)
-    return np.asarray(train_idx), np.asarray(test_idx)
-
-
 def _pointwise_pair(X, Y, train_idx, test_idx, scaler, estimator, store, distortion, solver):
     _, (x, y) = feature_arrays([X, Y], store=store)
     if distortion and y.shape[1] < x.shape[1]:
@@ -540,7 +522,7 @@ def _pointwise_pair(X, Y, train_idx, test_idx, scaler, estimator, store, distort
             f"the reconstruction distortion needs a target at least as wide as the source "
             f"({y.shape[1]} < {x.shape[1]} features), as in skmatter: swap source and target"
         )
-    train, test = _default_split(x.shape[0], train_idx, test_idx)
+    train, test = skmatter_default_split(x.shape[0], train_idx, test_idx)
     result = gfre_matrix(
         [x, y],
         (train, test),

@@ -35,6 +35,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from dfre.data.selection import skmatter_default_split
 from dfre.errors import DfreError
 from dfre.linalg.backend import array_module, to_numpy
 from dfre.linalg.knn import (
@@ -451,26 +452,6 @@ def write_result(store: Any, run: str, result: LfreResult) -> None:
 
 
 # ---------------------------------------------------------------------- skmatter-compatible
-def _default_split(n_rows: int, train_idx, test_idx) -> tuple[np.ndarray, np.ndarray]:
-    """skmatter's rows: its shuffled 50/50 split when neither is given (order kept)."""
-    if train_idx is None and test_idx is None:
-        from skmatter.model_selection import train_test_split
-
-        return train_test_split(
-            np.arange(n_rows),
-            test_size=0.5,
-            train_size=0.5,
-            random_state=RANDOM_STATE,
-            shuffle=True,
-            train_test_overlap=False,
-        )
-    if train_idx is None:
-        return np.setdiff1d(np.arange(n_rows), test_idx), np.asarray(test_idx)
-    if test_idx is None:
-        return np.asarray(train_idx), np.setdiff1d(np.arange(n_rows), train_idx)
-    return np.asarray(train_idx), np.asarray(test_idx)
-
-
 def _is_default_scaler(scaler: Any) -> bool:
     from skmatter.preprocessing import StandardFlexibleScaler
 
@@ -543,7 +524,7 @@ def pointwise_local_reconstruction_error(
             estimator=estimator,
             n_jobs=n_jobs,
         )
-    train, test = _default_split(n_rows, train_idx, test_idx)
+    train, test = skmatter_default_split(n_rows, train_idx, test_idx)
     train = _check_rows(train, "train", n_rows)
     test = _check_rows(test, "test", n_rows)
     result = lfre_matrix(
