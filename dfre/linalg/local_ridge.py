@@ -48,6 +48,11 @@ from sklearn.model_selection import KFold
 
 from dfre.linalg.backend import array_module
 
+try:  # numpy's batched Cholesky gufunc: a failed factor comes back as NaN, no exception
+    from numpy.linalg._umath_linalg import cholesky_lo as _cholesky_gufunc
+except ImportError:  # pragma: no cover - other numpy layouts fall back to eigvalsh
+    _cholesky_gufunc = None
+
 #: scikit-matter's default relative alphas of the reconstruction measures.
 DEFAULT_ALPHAS = np.geomspace(1e-9, 0.9, 20)
 #: scikit-matter's random state for the 2-fold split.
@@ -117,10 +122,12 @@ def _direct_scores(a, b, s, denom, y_held, thresholds, rcond):
     return scores
 
 
-def _direction_scores(a, b, s, denom, y_held, thresholds, rcond):
-    """Scores (batch, n_alphas) of predicting ``y_held`` by ``a diag(kept/denom) b``.
+def _direction_scores(a, b, s, denom, y_held, thresholds, rcond, groups):
+    """Scores (T, batch, n_alphas) of predicting ``y_held`` by ``a diag(kept/denom) b``.
 
-    The kept components are a prefix of length :math:`n_j` (``s`` is descending), so with
+    ``y_held`` holds the columns of T targets side by side, target t in ``groups[t]``
+    (a slice), so one set of products serves them all. The kept components are a prefix
+    of length :math:`n_j` (``s`` is descending), so with
     :math:`W = \\mathrm{diag}(1/denom) b`, :math:`G = a^T a` and per target column c
 
     .. math::
@@ -131,8 +138,9 @@ def _direction_scores(a, b, s, denom, y_held, thresholds, rcond):
     prefix sums that give every alpha's error for the price of one prediction. The prefix
     sums at the alphas' :math:`n_j` are one batched product with the 0/1 matrix
     :math:`M_{jl} = [l < n_j]` (BLAS, far faster than a cumulative sum over the middle
-    axis). Where an error is below :math:`10^{-6}` of the terms it cancels, the expansion
-    has lost digits, and those items are scored directly (:func:`_direct_scores`).
+    axis). A target's score is minus the mean over its columns of the column RMSEs. Where
+    an error is below :math:`10^{-6}` of the terms it cancels, the expansion has lost
+    digits, and those items are scored directly (:func:`_direct_scores`).
     """
     xp = array_module(a)
     n_held = y_held.shape[1]
@@ -149,25 +157,44 @@ def _direction_scores(a, b, s, denom, y_held, thresholds, rcond):
     cross_n = prefix @ cross_terms
     norms = xp.sum(y_held**2, axis=1)[:, None, :]
     sse = norms - 2.0 * cross_n + quad_n
-    scores = -xp.sqrt(xp.maximum(sse, 0.0) / n_held).mean(axis=2)
-    lost = (sse < 1e-6 * xp.maximum(norms, quad_n)).any(axis=(1, 2))
-    redo = xp.nonzero(lost)[0]
-    if len(redo):
-        scores[redo] = _direct_scores(
-            a[redo], b[redo], s[redo], denom[redo], y_held[redo], thresholds[redo], rcond
-        )
+    rmse = xp.sqrt(xp.maximum(sse, 0.0) / n_held)
+    lost = sse < 1e-6 * xp.maximum(norms, quad_n)
+    scores = xp.empty((len(groups), *thresholds.shape))
+    for t, cols in enumerate(groups):
+        scores[t] = -rmse[:, :, cols].mean(axis=2)
+        redo = xp.nonzero(lost[:, :, cols].any(axis=(1, 2)))[0]
+        if len(redo):
+            scores[t, redo] = _direct_scores(
+                a[redo],
+                b[redo][:, :, cols],
+                s[redo],
+                denom[redo],
+                y_held[redo][:, :, cols],
+                thresholds[redo],
+                rcond,
+            )
     return scores
 
 
-def _best_alpha(a12, b1, s1, d1, a21, b2, s2, d2, y1, y2, alphas, rcond):
-    """Index of the first best alpha per batch item and the scaled thresholds."""
+def _best_alpha(a12, b1, s1, d1, a21, b2, s2, d2, y1, y2, alphas, rcond, groups):
+    """Index of the first best alpha (T, batch), its threshold (T, batch) and all the
+    scaled thresholds (batch, n_alphas), for the T targets side by side in ``groups``."""
     xp = array_module(a12)
     scale = xp.maximum(xp.maximum(s1.max(axis=1), s2.max(axis=1)), 0.0)
     thresholds = scale[:, None] * xp.asarray(alphas)[None, :]
-    score12 = _direction_scores(a12, b1, s1, d1, y2, thresholds, rcond)
-    score21 = _direction_scores(a21, b2, s2, d2, y1, thresholds, rcond)
-    best = xp.argmax((score12 + score21) / 2, axis=1)
-    return best, xp.take_along_axis(thresholds, best[:, None], axis=1)[:, 0], thresholds
+    score12 = _direction_scores(a12, b1, s1, d1, y2, thresholds, rcond, groups)
+    score21 = _direction_scores(a21, b2, s2, d2, y1, thresholds, rcond, groups)
+    best = xp.argmax((score12 + score21) / 2, axis=2)
+    chosen = xp.stack([xp.take_along_axis(thresholds, bt[:, None], axis=1)[:, 0] for bt in best])
+    return best, chosen, thresholds
+
+
+def _side_by_side(ycs):
+    """The targets' columns concatenated, and the slice of each target."""
+    xp = array_module(ycs[0])
+    edges = np.cumsum([0, *[y.shape[2] for y in ycs]])
+    groups = [slice(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    return (ycs[0] if len(ycs) == 1 else xp.concatenate(ycs, axis=2)), groups
 
 
 def _unreliable(lam, threshold, k):
@@ -213,74 +240,90 @@ def _vector_times(v, m):
     return (v[:, None, :] @ m)[:, 0]
 
 
-def _refit(kr, kq_r, thresholds, all_kept_likely, d):
+def _cholesky_succeeds(matrices):
+    """Which symmetric matrices of a batch a Cholesky factorisation accepts (b,) bool.
+
+    Success proves (backward stability) that every eigenvalue of the matrix is above
+    minus a rounding term of order :math:`n\\,\\epsilon\\,\\|M\\|`. numpy's batched
+    ``cholesky`` raises for the whole batch when one matrix fails; its gufunc fills a
+    failed factor with NaN instead, which gives the answer per matrix. CuPy's batched
+    factorisation does not report failures per matrix, so there the smallest eigenvalue
+    decides (``eigvalsh``, several times slower).
+    """
+    xp = array_module(matrices)
+    if xp is np and _cholesky_gufunc is not None:
+        with np.errstate(invalid="ignore"):
+            factors = _cholesky_gufunc(matrices, signature="d->d")
+        return np.isfinite(factors[:, -1, -1])
+    return xp.linalg.eigvalsh(matrices)[:, 0] > 0
+
+
+def _refit(kr, kq_r, thresholds, all_kept_likely, d, k):
     """Refit on all k rows in the complement of ones, for every target.
 
     ``kr`` (b, k-1, k-1) is the reflected kernel, ``kq_r`` (b, k-1) the reflected kernel
-    column of the query, ``thresholds`` (T, b) the chosen cutoff per target. Returns the
-    kernel eigenvalues (b, r) and, per target, the coefficients g (b, k-1) with
-    prediction :math:`g^T Y_c`: :math:`g = U \\mathrm{diag}(kept/\\lambda) U^T k_q`. Items
-    expected to keep every component (best alpha the smallest for all targets) first
-    try the eigenvalues alone: if all pass the cutoff, :math:`g = K^{-1} k_q` by a linear
-    solve, several times cheaper than eigenvectors.
+    column of the query, ``thresholds`` (T, b) the chosen cutoff per target. Returns, per
+    target, the coefficients g (b, k-1) with prediction :math:`g^T Y_c`,
+    :math:`g = U \\mathrm{diag}(kept/\\lambda) U^T k_q`, and which items are not accurate
+    enough (see :func:`_unreliable`). Items expected to keep every component (best alpha
+    the smallest for all targets) first try a certificate: a Cholesky factorisation of
+    :math:`K - f I`, with :math:`f` the largest squared threshold (or the reliability
+    floor :math:`10^{-10}\\,\\mathrm{tr} K`) plus the rounding noise, succeeds only if every
+    eigenvalue is above the cutoff; then :math:`g = K^{-1} k_q` by a linear solve. Both
+    cost a fraction of the eigendecomposition the other items take.
     """
     xp = array_module(kr)
     n_batch, size = kq_r.shape
     rank = min(size, d)
-    lam = xp.empty((n_batch, rank))
     coefs = [xp.empty((n_batch, size)) for _ in range(thresholds.shape[0])]
+    unreliable = xp.zeros(n_batch, dtype=bool)
     need_vectors = xp.ones(n_batch, dtype=bool)
     tried = xp.nonzero(all_kept_likely)[0] if rank == size else xp.zeros(0, dtype=xp.int64)
     if len(tried):
-        values = xp.ascontiguousarray(xp.linalg.eigvalsh(kr[tried])[:, ::-1])
-        top = xp.max(thresholds[:, tried], axis=0)
-        ok = values[:, -1] > top**2
-        solved = tried[ok]
-        try:
-            g = xp.linalg.solve(kr[solved], kq_r[solved][:, :, None])[:, :, 0]
-        except np.linalg.LinAlgError:  # an exactly singular kernel (rank-deficient features)
-            solved = solved[:0]  # all of them take the eigenvector path below
+        trace = xp.trace(kr[tried], axis1=1, axis2=2)
+        floor = xp.maximum(xp.max(thresholds[:, tried], axis=0) ** 2, RELIABLE_EIGENVALUE * trace)
+        floor += EIGH_NOISE * k * EPS * trace
+        shifted = kr[tried] - floor[:, None, None] * xp.eye(size)[None]
+        solved = tried[_cholesky_succeeds(shifted)]
         if len(solved):
-            lam[solved] = values[ok]
+            g = xp.linalg.solve(kr[solved], kq_r[solved][:, :, None])[:, :, 0]
             for coef in coefs:
                 coef[solved] = g
             need_vectors[solved] = False
     rest = xp.nonzero(need_vectors)[0]
     if len(rest):
         values, vectors = _descending(*xp.linalg.eigh(kr[rest]), rank)
-        lam[rest] = values
         projected = _vector_times(kq_r[rest], vectors)
         inverse = 1.0 / xp.where(values > 0, values, 1.0)
         s = xp.sqrt(xp.maximum(values, 0.0))
         for coef, threshold in zip(coefs, thresholds, strict=True):
             kept = xp.where(s > threshold[rest][:, None], inverse, 0.0)
             coef[rest] = _vector_times(projected * kept, vectors.transpose(0, 2, 1))
-    return lam, coefs
+            unreliable[rest] |= _unreliable(values, threshold[rest], k)
+    return coefs, unreliable
 
 
-def _kernel_path(xc, ycs, q, fold1, fold2, alphas, rcond):
-    """Kernel (eigh) solution for every target; also flags items that need the SVD path."""
+def _kernel_path(xc, ycs, q, n1, alphas, rcond):
+    """Kernel (eigh) solution for every target; also flags items that need the SVD path.
+
+    The rows are in fold order: fold 1 is ``[:n1]``, fold 2 ``[n1:]``.
+    """
     xp = array_module(xc)
     k, d = xc.shape[1], xc.shape[2]
-    f1, f2 = xp.asarray(fold1), xp.asarray(fold2)
+    f1, f2 = slice(0, n1), slice(n1, k)
     kern = xc @ xc.transpose(0, 2, 1)
-    k21 = kern[:, f2][:, :, f1]
-    lam1, u1 = _descending(*xp.linalg.eigh(kern[:, f1][:, :, f1]), min(len(fold1), d))
-    lam2, u2 = _descending(*xp.linalg.eigh(kern[:, f2][:, :, f2]), min(len(fold2), d))
+    k21 = kern[:, f2, f1]
+    lam1, u1 = _descending(*xp.linalg.eigh(kern[:, f1, f1]), min(n1, d))
+    lam2, u2 = _descending(*xp.linalg.eigh(kern[:, f2, f2]), min(k - n1, d))
     s1, s2 = xp.sqrt(xp.maximum(lam1, 0.0)), xp.sqrt(xp.maximum(lam2, 0.0))
     a12, a21 = k21 @ u1, k21.transpose(0, 2, 1) @ u2
-    bests, chosen = [], []
-    smallest = None
-    for yc in ycs:
-        y1, y2 = yc[:, f1], yc[:, f2]
-        b1, b2 = u1.transpose(0, 2, 1) @ y1, u2.transpose(0, 2, 1) @ y2
-        best, threshold, thresholds = _best_alpha(
-            a12, b1, s1, lam1, a21, b2, s2, lam2, y1, y2, alphas, rcond
-        )
-        bests.append(best)
-        chosen.append(threshold)
-        if smallest is None:
-            smallest = xp.maximum(thresholds.min(axis=1), rcond)
+    y_all, groups = _side_by_side(ycs)
+    y1, y2 = y_all[:, f1], y_all[:, f2]
+    b1, b2 = u1.transpose(0, 2, 1) @ y1, u2.transpose(0, 2, 1) @ y2
+    bests, chosen, thresholds = _best_alpha(
+        a12, b1, s1, lam1, a21, b2, s2, lam2, y1, y2, alphas, rcond, groups
+    )
+    smallest = xp.maximum(thresholds.min(axis=1), rcond)
     # The centred rows sum to zero: the ones direction is an exact null vector of the
     # kernel (scikit-matter's SVD finds s ~ eps there, below every threshold). Working in
     # the complement of ones keeps its rounding-level eigenvalue from posing as kept.
@@ -288,38 +331,45 @@ def _kernel_path(xc, ycs, q, fold1, fold2, alphas, rcond):
     kq = _vector_times(q, xc.transpose(0, 2, 1))
     kq_r = (kq - c * (kq @ w)[:, None] * w[None, :])[:, 1:]
     first = int(np.argmin(alphas))
-    all_kept_likely = xp.stack([best == first for best in bests]).all(axis=0)
-    lam, coefs = _refit(_reflect_kernel(kern), kq_r, xp.stack(chosen), all_kept_likely, d)
+    all_kept_likely = (bests == first).all(axis=0)
+    coefs, redo = _refit(_reflect_kernel(kern), kq_r, chosen, all_kept_likely, d, k)
     predictions = [_vector_times(_unreflect(g), yc) for g, yc in zip(coefs, ycs, strict=True)]
-    redo = _unreliable(lam1, smallest, k) | _unreliable(lam2, smallest, k)
-    for threshold in chosen:
-        redo |= _unreliable(lam, threshold, k)
-    return predictions, bests, redo
+    redo |= _unreliable(lam1, smallest, k) | _unreliable(lam2, smallest, k)
+    return predictions, list(bests), redo
 
 
-def _svd_path(xc, ycs, q, fold1, fold2, alphas, rcond):
-    """scikit-matter's SVD solution for every target (batched)."""
+def _svd_path(xc, ycs, q, n1, alphas, rcond):
+    """scikit-matter's SVD solution for every target (batched; rows in fold order)."""
     xp = array_module(xc)
-    f1, f2 = xp.asarray(fold1), xp.asarray(fold2)
-    x1, x2 = xc[:, f1], xc[:, f2]
+    x1, x2 = xc[:, :n1], xc[:, n1:]
     u1, s1, v1t = xp.linalg.svd(x1, full_matrices=False)
     u2, s2, v2t = xp.linalg.svd(x2, full_matrices=False)
     a12, a21 = x2 @ v1t.transpose(0, 2, 1), x1 @ v2t.transpose(0, 2, 1)
     u, s, vt = xp.linalg.svd(xc, full_matrices=False)
     q_v = _vector_times(q, vt.transpose(0, 2, 1))
     inverse = 1.0 / xp.where(s > 0, s, 1.0)
-    predictions, bests = [], []
-    for yc in ycs:
-        y1, y2 = yc[:, f1], yc[:, f2]
-        b1, b2 = u1.transpose(0, 2, 1) @ y1, u2.transpose(0, 2, 1) @ y2
-        best, threshold, _ = _best_alpha(a12, b1, s1, s1, a21, b2, s2, s2, y1, y2, alphas, rcond)
+    y_all, groups = _side_by_side(ycs)
+    y1, y2 = y_all[:, :n1], y_all[:, n1:]
+    b1, b2 = u1.transpose(0, 2, 1) @ y1, u2.transpose(0, 2, 1) @ y2
+    bests, chosen, _ = _best_alpha(
+        a12, b1, s1, s1, a21, b2, s2, s2, y1, y2, alphas, rcond, groups
+    )
+    predictions = []
+    for yc, threshold in zip(ycs, chosen, strict=True):
         coef = q_v * xp.where(s > threshold[:, None], inverse, 0.0)
         predictions.append(_vector_times(_vector_times(coef, u.transpose(0, 2, 1)), yc))
-        bests.append(best)
-    return predictions, bests
+    return predictions, list(bests)
 
 
-def local_ridge(x_neighbours, y_neighbours, x_query, alphas=DEFAULT_ALPHAS, *, method="auto"):
+def local_ridge(
+    x_neighbours,
+    y_neighbours,
+    x_query,
+    alphas=DEFAULT_ALPHAS,
+    *,
+    method: str = "auto",
+    fold_ordered: bool = False,
+):
     """Local ridge predictions of one or several targets for a batch of queries.
 
     ``x_neighbours`` (b, k, d) are the source neighbourhoods of the b queries ``x_query``
@@ -327,33 +377,42 @@ def local_ridge(x_neighbours, y_neighbours, x_query, alphas=DEFAULT_ALPHAS, *, m
     of such arrays for several targets (the source decompositions are shared). All are
     scaled; they are used in float64. ``method`` is ``"auto"`` (kernel path, SVD where
     the kernel is not accurate enough), ``"svd"`` or ``"kernel"`` (no fallback; for
-    measurements only). Returns a :class:`LocalRidgeResult` per target (a list when a
-    list was given) whose ``prediction`` is :math:`\\bar y + (x - \\bar x) P`.
+    measurements only). ``fold_ordered`` says the k neighbours are already given in fold
+    order (the positions of :func:`fold_positions` fold 1, then fold 2), as a caller
+    gathering them can arrange for free. Returns a :class:`LocalRidgeResult` per target (a
+    list when a list was given) whose ``prediction`` is :math:`\\bar y + (x - \\bar x) P`.
     """
     several = isinstance(y_neighbours, list | tuple)
     ys = list(y_neighbours) if several else [y_neighbours]
     xp = array_module(x_neighbours)
     alphas = np.asarray(alphas, dtype=np.float64)
     x_neighbours = xp.asarray(x_neighbours, dtype=xp.float64)
+    ys = [xp.asarray(y, dtype=xp.float64) for y in ys]
     n_batch, k, d = x_neighbours.shape
+    fold1, fold2 = fold_positions(k)
+    n1 = len(fold1)
+    if not fold_ordered:
+        # fold order (fold 1, then fold 2) makes every fold block a slice; the fit does
+        # not depend on the order of its rows
+        order = xp.asarray(np.concatenate([fold1, fold2]))
+        x_neighbours = x_neighbours[:, order]
+        ys = [y[:, order] for y in ys]
     xm = x_neighbours.mean(axis=1)
     xc = x_neighbours - xm[:, None]
-    ys = [xp.asarray(y, dtype=xp.float64) for y in ys]
     yms = [y.mean(axis=1) for y in ys]
     ycs = [y - ym[:, None] for y, ym in zip(ys, yms, strict=True)]
     q = xp.asarray(x_query, dtype=xp.float64) - xm
-    fold1, fold2 = fold_positions(k)
     rcond = max(k, d) * EPS
     if method == "svd":
-        centred, bests = _svd_path(xc, ycs, q, fold1, fold2, alphas, rcond)
+        centred, bests = _svd_path(xc, ycs, q, n1, alphas, rcond)
         n_exact = n_batch
     else:
-        centred, bests, redo = _kernel_path(xc, ycs, q, fold1, fold2, alphas, rcond)
+        centred, bests, redo = _kernel_path(xc, ycs, q, n1, alphas, rcond)
         redo = xp.nonzero(redo)[0] if method == "auto" else redo[:0]
         n_exact = int(len(redo))
         if n_exact:
             exact, exact_best = _svd_path(
-                xc[redo], [yc[redo] for yc in ycs], q[redo], fold1, fold2, alphas, rcond
+                xc[redo], [yc[redo] for yc in ycs], q[redo], n1, alphas, rcond
             )
             for t in range(len(ycs)):
                 centred[t][redo], bests[t][redo] = exact[t], exact_best[t]
