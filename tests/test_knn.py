@@ -6,7 +6,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 from dfre.errors import DfreError
-from dfre.linalg.knn import knn, knn_partition, merge_neighbours, squared_distances
+from dfre.linalg.knn import knn, knn_partition, merge_neighbours
 
 
 def brute_force(queries, train, k):
@@ -81,12 +81,6 @@ def test_merge_keeps_the_best_k_in_order():
     dist, idx = merge_neighbours(a, b, 4)
     np.testing.assert_array_equal(idx, [[4, 1, 2, 3]])
     np.testing.assert_array_equal(dist, [[0.1, 0.5, 0.5, 0.6]])
-
-
-def test_squared_distances_formula():
-    q = np.array([[1.0, 2.0]])
-    t = np.array([[1.0, 2.0], [4.0, 6.0]])
-    np.testing.assert_array_equal(squared_distances(q, t), [[0.0, 25.0]])
 
 
 def test_knn_on_a_distributed_cluster(data):

@@ -1,11 +1,14 @@
 """Exact k nearest neighbours by partitioned GEMM tiles, merged by tree reduction.
 
-For query rows :math:`q_i` and train rows :math:`t_j` the squared distance is computed
-exactly as scikit-matter's ``pointwise_local_reconstruction_error`` does, in float64:
+For query rows :math:`q_i` and train rows :math:`t_j` the squared distance is the one of
+scikit-matter's ``pointwise_local_reconstruction_error``, in float64:
 
 .. math::
 
-    d_{ij} = \\left(|t_j|^2 + |q_i|^2\\right) - 2\\, q_i \\cdot t_j .
+    d_{ij} = |q_i|^2 + |t_j|^2 - 2\\, q_i \\cdot t_j = |q_i|^2 - 2 h_{ij}, \\qquad
+    h_{ij} = [q_i, 1] \\cdot [t_j, -|t_j|^2/2],
+
+so one GEMM per tile gives every :math:`h_{ij}` (the two sums differ only by rounding).
 
 The train rows are split into partitions (the chunks of a dask array, and tiles of at
 most ``tile_rows`` rows inside a chunk). For every query block and train tile the
@@ -19,7 +22,7 @@ rows are partitioned, so the result is deterministic and equal to a stable
 ``np.argsort(d_i, kind="stable")[:k]`` of the full row. scikit-matter calls the default
 (unstable, SIMD) ``np.argsort``, whose order among exactly equal distances is arbitrary;
 dfre equals it everywhere else. Distances closer than float64 rounding (a few ulps of
-:math:`|q|^2 + |t|^2`) may be ordered differently by a different GEMM summation order.
+:math:`|q|^2 + |t|^2`) may be ordered differently by a different summation order.
 
 Every operation uses the array module of the data (numpy or CuPy).
 """
@@ -40,6 +43,7 @@ from dfre.linalg.backend import array_module
 DEFAULT_TILE_ROWS = 8192
 #: Query rows per task of :func:`knn`.
 DEFAULT_QUERY_BLOCK = 2048
+EPS = float(np.finfo(np.float64).eps)
 
 
 @functools.cache
@@ -82,16 +86,45 @@ def _smallest_in_tile(dist, k: int):
     return part
 
 
-def squared_distances(queries, train, query_sq=None, train_sq=None):
-    """float64 :math:`(|t_j|^2 + |q_i|^2) - 2 q_i \\cdot t_j`, shape (n_queries, n_train)."""
-    xp = array_module(queries, train)
-    queries = xp.asarray(queries, dtype=xp.float64)
-    train = xp.asarray(train, dtype=xp.float64)
-    if query_sq is None:
-        query_sq = xp.sum(queries**2, axis=1)
-    if train_sq is None:
-        train_sq = xp.sum(train**2, axis=1)
-    return (train_sq + query_sq[:, None]) - 2 * (queries @ train.T)
+def _closer_than(h, query_sq, kth, col_offset: int):
+    """Entries of a tile closer than each row's current ``kth``, as candidates.
+
+    ``h`` holds :math:`q_i \\cdot t_j - |t_j|^2/2`, so :math:`d_{ij} = |q_i|^2 - 2h_{ij}`
+    and :math:`d_{ij} < kth_i` needs :math:`h_{ij} > (|q_i|^2 - kth_i)/2`: one comparison
+    per entry; a margin of a few ulps admits every entry whose rounded :math:`d_{ij}` may
+    fall below :math:`kth_i`, and :math:`d_{ij}` itself decides for those. Returns
+    ``(dist, idx)`` padded to the longest row with ``inf`` distances (never kept), or
+    ``None`` when no row has any.
+    """
+    xp = array_module(h)
+    cut = 0.5 * (query_sq - kth) - 4.0 * EPS * (xp.abs(query_sq) + xp.abs(kth))
+    rows, cols = xp.nonzero(h > cut[:, None])
+    dist = query_sq[rows] - 2.0 * h[rows, cols]
+    closer = dist < kth[rows]
+    rows, cols, dist = rows[closer], cols[closer], dist[closer]
+    if len(rows) == 0:
+        return None
+    counts = xp.bincount(rows, minlength=h.shape[0])
+    width = int(counts.max())
+    position = xp.arange(len(rows)) - (xp.cumsum(counts) - counts)[rows]
+    cand_dist = xp.full((h.shape[0], width), xp.inf)
+    cand_idx = xp.zeros((h.shape[0], width), dtype=xp.int64)
+    cand_dist[rows, position] = dist
+    cand_idx[rows, position] = cols + col_offset
+    return cand_dist, cand_idx
+
+
+def _merge_later(best: tuple, later: tuple, k: int) -> tuple:
+    """Merge sorted ``best`` with candidates of larger positions, each row's in order.
+
+    A stable sort by distance of the concatenation is then ordered by (distance,
+    position) without sorting the positions first.
+    """
+    xp = array_module(best[0])
+    dist = xp.concatenate([best[0], later[0]], axis=1)
+    idx = xp.concatenate([best[1], later[1]], axis=1)
+    order = xp.argsort(dist, axis=1, kind="stable")[:, :k]
+    return xp.take_along_axis(dist, order, axis=1), xp.take_along_axis(idx, order, axis=1)
 
 
 def knn_partition(queries, train, k: int, offset: int = 0, tile_rows: int = DEFAULT_TILE_ROWS):
@@ -99,24 +132,37 @@ def knn_partition(queries, train, k: int, offset: int = 0, tile_rows: int = DEFA
 
     Returns ``(dist, idx)`` of shape (n_queries, min(k, n_train)): float64 squared
     distances and int64 train positions plus ``offset``, sorted by (distance, position).
-    ``train`` is processed in tiles of ``tile_rows`` rows, merged as they come.
+    ``train`` is processed in tiles of ``tile_rows`` rows, merged as they come: one GEMM
+    of :math:`[q, 1]` with :math:`[t, -|t|^2/2]` gives :math:`h = q \\cdot t - |t|^2/2`
+    and :math:`d = |q|^2 - 2h`. Once a row holds ``k`` candidates, a later tile only
+    offers the entries strictly closer than its current k-th (:func:`_closer_than`; a
+    later tile's positions are larger, so an exact tie with the k-th loses): one
+    comparison per entry instead of a partial sort, and the GEMM dominates.
     """
     xp = array_module(queries, train)
     queries = xp.asarray(queries, dtype=xp.float64)
+    n_queries = queries.shape[0]
     query_sq = xp.sum(queries**2, axis=1)
+    q_aug = xp.concatenate([queries, xp.ones((n_queries, 1))], axis=1)
+    h_buffer = xp.empty((n_queries, min(tile_rows, train.shape[0])))
     best = None
     for start in range(0, train.shape[0], tile_rows):
         tile = xp.asarray(train[start : start + tile_rows], dtype=xp.float64)
-        dist = squared_distances(queries, tile, query_sq=query_sq)
+        t_aug = xp.concatenate([tile, -0.5 * xp.einsum("ij,ij->i", tile, tile)[:, None]], axis=1)
+        h = h_buffer[:, : tile.shape[0]]
+        xp.matmul(q_aug, t_aug.T, out=h)
+        if best is not None and best[0].shape[1] == k:
+            cand = _closer_than(h, query_sq, best[0][:, -1], offset + start)
+            if cand is not None:
+                best = _merge_later(best, cand, k)
+            continue
+        dist = query_sq[:, None] - 2.0 * h
         cols = _smallest_in_tile(dist, k)
-        cand = (
-            xp.take_along_axis(dist, cols, axis=1),
-            cols.astype(xp.int64) + (offset + start),
-        )
-        best = cand if best is None else merge_neighbours(best, cand, k)
+        cand = (xp.take_along_axis(dist, cols, axis=1), cols.astype(xp.int64) + (offset + start))
+        best = _sort_candidates(*cand, k) if best is None else merge_neighbours(best, cand, k)
     if best is None:
-        return xp.zeros((queries.shape[0], 0)), xp.zeros((queries.shape[0], 0), xp.int64)
-    return _sort_candidates(*best, k)
+        return xp.zeros((n_queries, 0)), xp.zeros((n_queries, 0), xp.int64)
+    return best
 
 
 def merge_neighbours(a: tuple, b: tuple, k: int) -> tuple:
@@ -148,9 +194,16 @@ def _as_dask(x: Any, name: str, chunk_rows: int) -> da.Array:
     return da.from_array(x, chunks=(chunk_rows, x.shape[1]))
 
 
-def _transform(block, mean, scale):
+def scale_rows(block, shift, scale: float):
+    """``(block - shift) / scale`` in float64 (a fitted scaler's transform, two passes);
+    with ``shift`` None and ``scale`` 1 the block itself, as float64."""
     xp = array_module(block)
-    return (xp.asarray(block, dtype=xp.float64) - xp.asarray(mean)) / scale
+    if shift is None:
+        out = xp.asarray(block, dtype=xp.float64)
+        return out if scale == 1.0 else out / scale
+    out = xp.subtract(block, xp.asarray(shift), dtype=xp.float64)
+    out /= scale
+    return out
 
 
 def knn_graph(
@@ -180,13 +233,11 @@ def knn_graph(
         )
     if k > t.shape[0]:
         raise DfreError(f"k = {k} neighbours but only {t.shape[0]} train rows: lower k")
-    if shift is None:
-        shift = np.zeros(q.shape[1])
     offsets = np.concatenate([[0], np.cumsum(t.chunks[0])])
     t_blocks = t.to_delayed().ravel()
     outputs = []
     for q_block in q.to_delayed().ravel():
-        qs = dask.delayed(_transform, pure=True)(q_block, shift, scale)
+        qs = dask.delayed(scale_rows, pure=True)(q_block, shift, scale)
         parts = [
             dask.delayed(_knn_scaled, pure=True)(qs, t_block, shift, scale, k, int(off), tile_rows)
             for t_block, off in zip(t_blocks, offsets[:-1], strict=True)
@@ -197,7 +248,7 @@ def knn_graph(
 
 def _knn_scaled(queries, train_block, shift, scale, k, offset, tile_rows):
     with single_threaded_blas():
-        train = _transform(train_block, shift, scale)
+        train = scale_rows(train_block, shift, scale)
         return knn_partition(queries, train, k, offset, tile_rows)
 
 
