@@ -42,15 +42,19 @@ from dfre.linalg.knn import (
     DEFAULT_QUERY_BLOCK,
     DEFAULT_TILE_ROWS,
     knn_graph,
+    scale_rows,
     single_threaded_blas,
 )
-from dfre.linalg.local_ridge import DEFAULT_ALPHAS, RANDOM_STATE, local_ridge
+from dfre.linalg.local_ridge import DEFAULT_ALPHAS, RANDOM_STATE, fold_positions, local_ridge
 from dfre.lock import writes_store
 
 #: skmatter's StandardFlexibleScaler(atol=1e-12): smallest total variance accepted.
 ZERO_VARIANCE = 1e-12
 #: Bytes of float64 work arrays one local-ridge batch may use (numpy; CuPy gets 8x).
 RIDGE_BATCH_BYTES = 1 << 27
+#: Train rows per kNN partition (task): each partition starts its candidate lists afresh,
+#: so fewer, larger partitions do less merging; a million rows still give 8 per source.
+KNN_PARTITION_ROWS = 1 << 17
 #: Queries per local-ridge task on CPU: a query block is split so that every (source, k)
 #: gives several tasks and the Dask threads share the dominant (largest k) work evenly.
 CPU_RIDGE_QUERIES = 128
@@ -88,7 +92,8 @@ def _as_dask(x: Any, name: str) -> da.Array:
         x = store.features(x[1])
     if not isinstance(x, da.Array):
         x = x if array_module(x) is not np else np.asarray(x)
-        x = da.from_array(x, chunks=(1 << 16, -1), asarray=False)
+        # name=False: the in-memory data is not hashed for a graph key
+        x = da.from_array(x, chunks=(1 << 16, -1), asarray=False, name=False)
     if x.ndim != 2:
         raise DfreError(f"feature set {name} must be 2-D (rows, features), got shape {x.shape}")
     return x
@@ -159,30 +164,38 @@ def _check_k(kmat: np.ndarray, n_train: int) -> None:
 
 # ---------------------------------------------------------------------- scaling
 def _fit_scalers(trains, tests, names) -> list[_Scaler]:
-    """Fit the scaler of every feature set on its train rows; refuse NaN/inf and constants."""
-    as64 = [t.astype(np.float64) for t in trains]
-    means = [t.mean(axis=0) for t in as64]
+    """Fit the scaler of every feature set on its train rows; refuse NaN/inf and constants.
+
+    One pass: with :math:`s` the first train row (so large offsets cost no accuracy),
+    the column sums :math:`S_1 = \\sum (x - s)` and :math:`S_2 = \\sum (x - s)^2` give
+    :math:`\\mu = s + S_1/n` and the total variance
+    :math:`\\sum_j (S_{2j}/n - (S_{1j}/n)^2)`, whose square root is the scale.
+    """
+    shifts = dask.compute(*[t[:1].astype(np.float64) for t in trains])
+    sums, squares, finite = [], [], []
+    for t, shift in zip(trains, shifts, strict=True):
+        centred = t.astype(np.float64) - shift
+        sums.append(centred.sum(axis=0))
+        squares.append((centred**2).sum(axis=0))
     finite = [da.isfinite(t).all() for t in trains + tests]
-    means, finite = dask.compute(means, finite)
+    sums, squares, finite = dask.compute(sums, squares, finite)
     n = len(trains)
+    scalers = []
     for i, name in enumerate(names):
         if not (bool(finite[i]) and bool(finite[n + i])):
             raise DfreError(
                 f"feature set {name} has NaN or infinite values in the selected rows: mask "
                 "those atoms (featurize records them) or fix the features"
             )
-    variances = dask.compute(
-        [((t - m) ** 2).mean(axis=0).sum() for t, m in zip(as64, means, strict=True)]
-    )[0]
-    scalers = []
-    for name, mean, var_sum in zip(names, means, variances, strict=True):
-        var_sum = float(to_numpy(var_sum))
+        n_rows = trains[i].shape[0]
+        offset = to_numpy(sums[i]) / n_rows
+        var_sum = float(np.sum(np.maximum(to_numpy(squares[i]) / n_rows - offset**2, 0.0)))
         if not var_sum >= ZERO_VARIANCE:
             raise DfreError(
                 f"feature set {name} is constant on the train rows (total variance "
                 f"{var_sum:.3g}): it cannot be scaled; drop it or check how it was computed"
             )
-        scalers.append(_Scaler(to_numpy(mean), float(np.sqrt(var_sum))))
+        scalers.append(_Scaler(to_numpy(shifts[i])[0] + offset, float(np.sqrt(var_sum))))
     return scalers
 
 
@@ -194,49 +207,47 @@ def _ridge_batch(k: int, dims: Sequence[int], xp) -> int:
 
 
 def _scaled(x, scaler: _Scaler):
-    xp = array_module(x)
-    return (xp.asarray(x, dtype=xp.float64) - xp.asarray(scaler.mean)) / scaler.scale
+    return scale_rows(x, scaler.mean, scaler.scale)
 
 
-def _ridge_block(
-    x_train, x_query, x_scaler, y_trains, y_queries, y_scalers, neighbours, alphas, rows=None
-):
+def _ridge_block(x_train, x_query, y_trains, y_queries, neighbours, alphas, rows=None):
     """Pointwise errors and chosen alphas of one query block for several targets.
 
-    ``neighbours`` (b, k) are positions into the train arrays; all targets share k.
-    ``rows`` (a slice) picks the b queries out of the query blocks (default all).
-    Returns ``(errors (T, b), alphas (T, b), n_exact)``.
+    All rows are scaled float64. ``neighbours`` (b, k) are positions into the train
+    arrays; all targets share k. ``rows`` (a slice) picks the b queries out of the query
+    blocks (default all). Returns ``(errors (T, b), alphas (T, b), n_exact)``.
     """
     if rows is not None:
         x_query = x_query[rows]
         y_queries = [y[rows] for y in y_queries]
     with single_threaded_blas():
-        return _ridge_block_body(
-            x_train, x_query, x_scaler, y_trains, y_queries, y_scalers, neighbours, alphas
-        )
+        return _ridge_block_body(x_train, x_query, y_trains, y_queries, neighbours, alphas)
 
 
-def _ridge_block_body(
-    x_train, x_query, x_scaler, y_trains, y_queries, y_scalers, neighbours, alphas
-):
+def _ridge_block_body(x_train, x_query, y_trains, y_queries, neighbours, alphas):
     xp = array_module(x_train)
     neighbours = xp.asarray(neighbours)
     n_query, k = neighbours.shape
+    # gathered straight into fold order: local_ridge then slices its folds
+    neighbours = neighbours[:, xp.asarray(np.concatenate(fold_positions(k)))]
     dims = [x_train.shape[1], *[y.shape[1] for y in y_trains]]
     batch = _ridge_batch(k, dims, xp)
     errors = xp.empty((len(y_trains), n_query))
     chosen = xp.empty((len(y_trains), n_query))
     n_exact = 0
-    xq_all = _scaled(x_query, x_scaler)
-    yq_all = [_scaled(y, s) for y, s in zip(y_queries, y_scalers, strict=True)]
     for start in range(0, n_query, batch):
         stop = min(start + batch, n_query)
         idx = neighbours[start:stop]
-        xn = _scaled(x_train[idx], x_scaler)
-        yns = [_scaled(y[idx], s) for y, s in zip(y_trains, y_scalers, strict=True)]
-        results = local_ridge(xn, yns, xq_all[start:stop], alphas)
+        results = local_ridge(
+            x_train[idx],
+            [y[idx] for y in y_trains],
+            x_query[start:stop],
+            alphas,
+            fold_ordered=True,
+        )
         for t, res in enumerate(results):
-            errors[t, start:stop] = xp.linalg.norm(yq_all[t][start:stop] - res.prediction, axis=1)
+            residual = y_queries[t][start:stop] - res.prediction
+            errors[t, start:stop] = xp.linalg.norm(residual, axis=1)
             chosen[t, start:stop] = res.alpha
         n_exact += results[0].n_exact
     return errors, chosen, n_exact
@@ -248,66 +259,90 @@ def _single_block(arr: da.Array):
 
 
 # ---------------------------------------------------------------------- one fold
+def _scaled_rows(trains, tests, scalers):
+    """Scaled float64 train rows (one block each) and test rows, persisted.
+
+    Made once per fold -- in memory, or on the workers of a distributed cluster -- and
+    shared by the kNN (whose partitions are slices of the train block) and every ridge
+    task.
+    """
+    train_blocks = [
+        dask.delayed(_scaled, pure=True)(_single_block(t), s)
+        for t, s in zip(trains, scalers, strict=True)
+    ]
+    tests = [
+        t.map_blocks(_scaled, s, dtype=np.float64) for t, s in zip(tests, scalers, strict=True)
+    ]
+    train_blocks, tests = dask.persist(train_blocks, tests)
+    partitioned = [
+        da.from_delayed(
+            block, shape=t.shape, dtype=np.float64, meta=array_module(t).empty((0, 0))
+        ).rechunk((KNN_PARTITION_ROWS, -1))
+        for block, t in zip(train_blocks, trains, strict=True)
+    ]
+    return train_blocks, partitioned, tests
+
+
 def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
-    """Pointwise errors (M, M, n_test) and alphas of one fold (train/test rows as given)."""
+    """Pointwise errors (M, M, n_test) and alphas of one fold (train/test rows as given).
+
+    Two Dask computations: the kNN of every source (once, at the largest k it needs),
+    then every local-ridge task of every source.
+    """
     n_sets = len(arrays)
     trains = [a[train] for a in arrays]
     tests = [a[test] for a in arrays]
     scalers = _fit_scalers(trains, tests, names)
     query_block = opts["query_block"]
     tests = [t.rechunk((query_block, -1)) for t in tests]
-    train_blocks = [_single_block(t) for t in trains]
+    train_blocks, partitioned, tests = _scaled_rows(trains, tests, scalers)
     test_blocks = [t.to_delayed().ravel() for t in tests]
-    pointwise = np.full((n_sets, n_sets, len(test)), np.nan)
-    alpha = np.full((n_sets, n_sets, len(test)), np.nan)
-    bounds = np.concatenate([[0], np.cumsum(tests[0].chunks[0])])
-    for i in range(n_sets):
-        if not kmat[i].any():
-            continue
-        k_max = int(kmat[i].max())
-        started = time.perf_counter()
-        graph = knn_graph(
+    sources = [i for i in range(n_sets) if kmat[i].any()]
+    started = time.perf_counter()
+    graphs = [
+        knn_graph(
             tests[i],
-            trains[i],
-            k_max,
+            partitioned[i],
+            int(kmat[i].max()),
             query_block=query_block,
             tile_rows=opts["tile_rows"],
-            shift=scalers[i].mean,
-            scale=scalers[i].scale,
         )
-        neighbours = [idx for _, idx in dask.compute(*graph)]
-        timings["knn_seconds"] += time.perf_counter() - started
-        timings["knn_queries"] += len(test)
-        started = time.perf_counter()
-        tasks, keys = [], []
-        for k_value in np.unique(kmat[i][kmat[i] > 0]):
+        for i in sources
+    ]
+    computed = dask.compute(*graphs)
+    neighbours = {i: [idx for _, idx in parts] for i, parts in zip(sources, computed, strict=True)}
+    timings["knn_seconds"] += time.perf_counter() - started
+    timings["knn_queries"] += len(test) * len(sources)
+    started = time.perf_counter()
+    bounds = np.concatenate([[0], np.cumsum(tests[0].chunks[0])])
+    tasks, keys = [], []
+    for i in sources:
+        for k_value in np.unique(kmat[i][kmat[i] > 0])[::-1]:  # largest (slowest) first
             targets = [int(j) for j in np.flatnonzero(kmat[i] == k_value)]
-            for b, nbr in enumerate(neighbours):
+            for b, nbr in enumerate(neighbours[i]):
                 for lo in range(0, len(nbr), opts["ridge_queries"]):
                     hi = min(lo + opts["ridge_queries"], len(nbr))
                     tasks.append(
                         dask.delayed(_ridge_block, pure=False)(
                             train_blocks[i],
                             test_blocks[i][b],
-                            scalers[i],
                             [train_blocks[j] for j in targets],
                             [test_blocks[j][b] for j in targets],
-                            [scalers[j] for j in targets],
                             nbr[lo:hi, : int(k_value)],
                             alphas,
                             slice(lo, hi),
                         )
                     )
-                    keys.append((targets, slice(bounds[b] + lo, bounds[b] + hi)))
-        for (targets, rows), (err, chosen, n_exact) in zip(
-            keys, dask.compute(*tasks), strict=True
-        ):
-            pointwise[i, targets, rows] = to_numpy(err)
-            alpha[i, targets, rows] = to_numpy(chosen)
-            timings["exact_neighbourhoods"] += int(n_exact)
-            timings["ridge_neighbourhoods"] += int(rows.stop - rows.start)
-        timings["ridge_solves"] += len(test) * int((kmat[i] > 0).sum())
-        timings["ridge_seconds"] += time.perf_counter() - started
+                    keys.append((i, targets, slice(bounds[b] + lo, bounds[b] + hi)))
+    pointwise = np.full((n_sets, n_sets, len(test)), np.nan)
+    alpha = np.full((n_sets, n_sets, len(test)), np.nan)
+    for (i, targets, rows), (err, chosen, n_exact) in zip(keys, dask.compute(*tasks), strict=True):
+        pointwise[i, targets, rows] = to_numpy(err)
+        alpha[i, targets, rows] = to_numpy(chosen)
+        timings["exact_neighbourhoods"] += int(n_exact)
+        timings["ridge_neighbourhoods"] += int(rows.stop - rows.start)
+    timings["ridge_solves"] += len(test) * int((kmat > 0).sum())
+    timings["ridge_seconds"] += time.perf_counter() - started
     return pointwise, alpha
 
 
