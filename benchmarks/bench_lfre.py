@@ -5,12 +5,14 @@
 environments train, k = min(d_F, d_F') per pair, all 16 pairs. dfre computes the whole
 matrix; skmatter's ``pointwise_local_reconstruction_error`` (its per-point Python loop)
 runs on ``--reference-points`` of the test points for the first ``--reference-pairs``
-pairs. skmatter's full time per pair is EXTRAPOLATED as (scaler fit) + n_test x (time per
-point), and for pairs not run from the mean of those run; dfre's values on the same test
-points are checked against skmatter's. Full size (about 30 min of skmatter at P=1000):
+pairs. With ``--reference-points`` equal to ``--test`` skmatter's time is measured over
+every test point; with fewer it is EXTRAPOLATED (fixed cost + n_test x time per point,
+from calls on P/2 and P points), and for pairs not run from the mean of those run; dfre's
+values on the same test points are checked against skmatter's. Full size, measured
+(about 20 min of skmatter):
 
     python benchmarks/bench_lfre.py --n-envs 258000 --test 1000 \\
-        --reference-points 50 --reference-pairs 16
+        --reference-points 1000 --reference-pairs 16
 
 7b (``--full-dataset``, GPU): every environment a query once (k-fold selection), one
 pair given by ``--pairs``; e.g. 1,000,000 environments, 512 -> 128, k = 128, 2 folds:
@@ -44,31 +46,33 @@ def parse_pairs(text: str | None, m: int) -> list[tuple[int, int]]:
 
 
 def skmatter_reference(x, y, k, train, test, points):
-    """skmatter on ``points`` test rows: values, seconds per point, fixed seconds per call.
+    """skmatter on the first ``points`` test rows: values and its time for all test rows.
 
-    The call is timed on 1 and on ``points`` test rows; the difference gives the time per
-    point (distance row, argsort, local fit), the rest is the fixed cost (scaler fits).
-    The 1-row call is timed before and after (the first touches cold memory) and the
-    faster is used, so a cold or disturbed first call does not hide the per-point time.
+    With ``points`` = every test row the one call is the measured time. Otherwise the
+    calls on the first ``points // 2`` and on the first ``points`` rows give the time per
+    point (distance row, argsort, local fit) as their difference and the fixed cost
+    (scaler fits) as the rest, and the time for all test rows is EXTRAPOLATED from them.
+    Returns ``(values, seconds for all test rows, seconds per point, measured)``.
     """
     from skmatter.metrics import pointwise_local_reconstruction_error
 
     x64, y64 = x.astype(np.float64), y.astype(np.float64)
 
-    def one_row() -> float:
+    def timed(n: int):
         started = time.perf_counter()
-        pointwise_local_reconstruction_error(x64, y64, k, train_idx=train, test_idx=test[:1])
-        return time.perf_counter() - started
+        values = pointwise_local_reconstruction_error(
+            x64, y64, k, train_idx=train, test_idx=test[:n]
+        )
+        return values, time.perf_counter() - started
 
-    first = one_row()
-    started = time.perf_counter()
-    values = pointwise_local_reconstruction_error(
-        x64, y64, k, train_idx=train, test_idx=test[:points]
-    )
-    total = time.perf_counter() - started
-    one = min(first, one_row())
-    per_point = max(total - one, 0.0) / max(points - 1, 1)
-    return values, per_point, max(one - per_point, 0.0)
+    if points >= len(test):
+        values, seconds = timed(len(test))
+        return values, seconds, seconds / len(test), True
+    _, half = timed(points // 2)
+    values, full = timed(points)
+    per_point = max(full - half, 0.0) / (points - points // 2)
+    fixed = max(full - points * per_point, 0.0)
+    return values, fixed + len(test) * per_point, per_point, False
 
 
 def main(argv=None) -> int:
@@ -83,8 +87,12 @@ def main(argv=None) -> int:
     p.add_argument("--reference-points", type=int, default=20)
     p.add_argument("--reference-pairs", type=int, default=16)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="Dask threads (default: the CPU count; 2 with --device cuda)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="Dask threads (default: the CPU count; 2 with --device cuda)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -109,8 +117,10 @@ def main(argv=None) -> int:
     pairs = parse_pairs(args.pairs, len(args.dims))
     kmat = k_matrix(args.dims, args.k)
     n_test = sum(len(te) for _, te in selection.folds)
-    print(f"selection {selection.spec}: {n_test} test environments, {len(pairs)} pairs, "
-          f"device {args.device}, {args.threads} threads")
+    print(
+        f"selection {selection.spec}: {n_test} test environments, {len(pairs)} pairs, "
+        f"device {args.device}, {args.threads} threads"
+    )
 
     if args.device == "cuda":
         import cupy
@@ -122,12 +132,16 @@ def main(argv=None) -> int:
     dfre_seconds = time.perf_counter() - started
     t = result.timings
     print(f"\ndfre: {dfre_seconds:.1f} s for {len(pairs)} pairs x {n_test} test environments")
-    print(f"  kNN:         {t['knn_seconds']:.1f} s, {t['knn_queries']:.0f} queries, "
-          f"{t['knn_queries'] / max(t['knn_seconds'], 1e-9):,.0f} queries/s")
-    print(f"  local ridge: {t['ridge_seconds']:.1f} s, {t['ridge_solves']:.0f} neighbourhoods, "
-          f"{t['ridge_solves'] / max(t['ridge_seconds'], 1e-9):,.0f} neighbourhoods/s "
-          f"({t['exact_neighbourhoods']} of {t['ridge_neighbourhoods']} source "
-          "neighbourhoods needed the exact SVD path)")
+    print(
+        f"  kNN:         {t['knn_seconds']:.1f} s, {t['knn_queries']:.0f} queries, "
+        f"{t['knn_queries'] / max(t['knn_seconds'], 1e-9):,.0f} queries/s"
+    )
+    print(
+        f"  local ridge: {t['ridge_seconds']:.1f} s, {t['ridge_solves']:.0f} neighbourhoods, "
+        f"{t['ridge_solves'] / max(t['ridge_seconds'], 1e-9):,.0f} neighbourhoods/s "
+        f"({t['exact_neighbourhoods']} of {t['ridge_neighbourhoods']} source "
+        "neighbourhoods needed the exact SVD path)"
+    )
     names = [f"{d}" for d in args.dims]
     print("  LFRE matrix (rows: source dim, columns: target dim; NaN = not computed):")
     for name, row in zip(names, result.matrix, strict=True):
@@ -137,32 +151,38 @@ def main(argv=None) -> int:
 
     if args.reference_points <= 0:
         return 0
-    points = min(args.reference_points, n_test)
     train, test = selection.folds[0]
-    per_pair, deviations = [], []
-    print(f"\nskmatter (per-point loop) on {points} of the {len(test)} test points per pair:")
+    points = min(args.reference_points, len(test))
+    per_pair, deviations, all_measured = [], [], True
+    how = "every test point" if points == len(test) else f"{points} of the {len(test)} test points"
+    print(f"\nskmatter (per-point loop) on {how} of fold 1, per pair:")
     for i, j in pairs[: args.reference_pairs]:
-        values, per_point, fixed = skmatter_reference(
+        values, seconds, per_point, measured = skmatter_reference(
             features[i], features[j], int(kmat[i, j]), train, test, points
         )
-        # every fold is one skmatter call over its own test rows
-        extrapolated = len(selection.folds) * fixed + n_test * per_point
-        per_pair.append(extrapolated)
+        all_measured &= measured
+        per_pair.append(seconds * len(selection.folds))  # one skmatter call per fold
         ours = result.pointwise[i, j, :points]
         deviation = np.max(np.abs(ours - values) / np.maximum(np.abs(values), 1e-12))
         deviations.append(deviation)
-        print(f"  {args.dims[i]:>4} -> {args.dims[j]:<4} k={kmat[i, j]:<4} "
-              f"{per_point * 1e3:7.1f} ms/point, fixed {fixed:5.1f} s, "
-              f"EXTRAPOLATED pair total {extrapolated:7.1f} s, max rel. deviation "
-              f"{deviation:.1e}")
-    measured = len(per_pair)
-    total = sum(per_pair) * len(pairs) / measured
-    label = "EXTRAPOLATED" if measured == len(pairs) else (
-        f"EXTRAPOLATED from {measured} of {len(pairs)} pairs")
+        label = "measured" if measured else "EXTRAPOLATED"
+        print(
+            f"  {args.dims[i]:>4} -> {args.dims[j]:<4} k={kmat[i, j]:<4} "
+            f"{per_point * 1e3:7.1f} ms/point, pair total {per_pair[-1]:7.1f} s ({label}), "
+            f"max rel. deviation {deviation:.1e}",
+            flush=True,
+        )
+    counted = len(per_pair)
+    total = sum(per_pair) * len(pairs) / counted
+    label = "measured" if all_measured and counted == len(pairs) else "EXTRAPOLATED"
+    if counted < len(pairs):
+        label += f" from {counted} of {len(pairs)} pairs"
     print(f"\nskmatter total for {len(pairs)} pairs x {n_test} points ({label}): {total:.0f} s")
     print(f"dfre total (measured, same run): {dfre_seconds:.1f} s")
-    print(f"speed-up: {total / dfre_seconds:.1f}x; worst relative deviation from skmatter "
-          f"{max(deviations):.1e}")
+    print(
+        f"speed-up: {total / dfre_seconds:.1f}x; worst relative deviation from skmatter "
+        f"{max(deviations):.1e}"
+    )
     return 0
 
 

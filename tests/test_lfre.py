@@ -226,3 +226,18 @@ def test_bad_inputs_raise_one_line_errors():
         with pytest.raises(error) as info:
             lfre_matrix([x, y], "random:10")
         assert "\n" not in str(info.value)
+
+
+def test_large_feature_offsets_scale_like_skmatter():
+    """The one-pass scaler shifts by a data row: an offset of 1e4 costs no accuracy."""
+    x, y = correlated(500, (8, 5), seed=11)
+    x, y = x + 1e4, y - 3e3
+    rng = np.random.default_rng(1)
+    test = np.sort(rng.choice(500, 60, replace=False))
+    train = np.setdiff1d(np.arange(500), test)
+    np.testing.assert_allclose(
+        dm.pointwise_local_reconstruction_error(x, y, 8, train_idx=train, test_idx=test),
+        sk_pw_lfre(x, y, 8, train_idx=train, test_idx=test),
+        rtol=RTOL,
+        atol=ATOL,
+    )

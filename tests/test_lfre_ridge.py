@@ -5,6 +5,7 @@ import pytest
 from sklearn.model_selection import KFold
 from skmatter.linear_model import Ridge2FoldCV
 
+import dfre.linalg.local_ridge as local_ridge_module
 from dfre.linalg.local_ridge import DEFAULT_ALPHAS, fold_positions, local_ridge
 
 
@@ -104,3 +105,42 @@ def test_all_components_kept_takes_the_linear_solve_and_matches():
     assert (ref_alpha == 1e-9).sum() >= 6
     np.testing.assert_allclose(res.prediction, ref, rtol=1e-9, atol=1e-12)
     np.testing.assert_array_equal(res.alpha, ref_alpha)
+
+
+def test_neighbours_given_in_fold_order_give_the_same_fit():
+    x, y, q = neighbourhoods(6, 21, 9, 4, seed=9)
+    order = np.concatenate(fold_positions(21))
+    given = local_ridge(x[:, order], y[:, order], q, fold_ordered=True)
+    plain = local_ridge(x, y, q)
+    np.testing.assert_allclose(given.prediction, plain.prediction, rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(given.alpha, plain.alpha)
+
+
+@pytest.mark.parametrize("gufunc", [True, False])
+def test_cholesky_certificate_per_matrix(monkeypatch, gufunc):
+    """numpy's gufunc flags each failed factor; without it the smallest eigenvalue decides."""
+    if not gufunc:
+        monkeypatch.setattr(local_ridge_module, "_cholesky_gufunc", None)
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(5, 7, 7))
+    spd = a @ a.transpose(0, 2, 1) + 0.1 * np.eye(7)
+    shifts = np.array([0.0, 1e3, 0.0, -1.0, 1e3])  # subtracting 1e3 I leaves it indefinite
+    matrices = spd - shifts[:, None, None] * np.eye(7)
+    ok = local_ridge_module._cholesky_succeeds(matrices)
+    np.testing.assert_array_equal(ok, [True, False, True, True, False])
+
+
+def test_all_kept_refit_skips_the_eigendecomposition(monkeypatch):
+    """When every component is certified kept, the refit is a solve: no eigh of K."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(8, 16, 20))
+    y = x @ rng.normal(size=(20, 3)) + 1e-3 * rng.normal(size=(8, 16, 3))
+    q = rng.normal(size=(8, 20))
+    sizes = []
+    eigh = np.linalg.eigh
+    monkeypatch.setattr(np.linalg, "eigh", lambda m: sizes.append(m.shape) or eigh(m))
+    res = local_ridge(x, y, q)
+    ref, ref_alpha = skmatter_local(x, y, q)
+    np.testing.assert_allclose(res.prediction, ref, rtol=1e-9, atol=1e-12)
+    refits = [shape[0] for shape in sizes if shape[-1] == 15]  # (k - 1) x (k - 1) kernels
+    assert sum(refits) == (ref_alpha != 1e-9).sum() < 8  # only items that cut components

@@ -149,8 +149,10 @@ def knn_partition(queries, train, k: int, offset: int = 0, tile_rows: int = DEFA
     for start in range(0, train.shape[0], tile_rows):
         tile = xp.asarray(train[start : start + tile_rows], dtype=xp.float64)
         t_aug = xp.concatenate([tile, -0.5 * xp.einsum("ij,ij->i", tile, tile)[:, None]], axis=1)
-        h = h_buffer[:, : tile.shape[0]]
-        xp.matmul(q_aug, t_aug.T, out=h)
+        if tile.shape[0] == h_buffer.shape[1]:  # a full tile reuses the buffer
+            h = xp.matmul(q_aug, t_aug.T, out=h_buffer)
+        else:
+            h = xp.matmul(q_aug, t_aug.T)
         if best is not None and best[0].shape[1] == k:
             cand = _closer_than(h, query_sq, best[0][:, -1], offset + start)
             if cand is not None:

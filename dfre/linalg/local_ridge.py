@@ -258,17 +258,18 @@ def _cholesky_succeeds(matrices):
     return xp.linalg.eigvalsh(matrices)[:, 0] > 0
 
 
-def _refit(kr, kq_r, thresholds, all_kept_likely, d, k):
+def _refit(kr, kq_r, thresholds, all_kept_likely, d, k, top):
     """Refit on all k rows in the complement of ones, for every target.
 
     ``kr`` (b, k-1, k-1) is the reflected kernel, ``kq_r`` (b, k-1) the reflected kernel
-    column of the query, ``thresholds`` (T, b) the chosen cutoff per target. Returns, per
+    column of the query, ``thresholds`` (T, b) the chosen cutoff per target, ``top`` (b,)
+    an upper bound of the largest eigenvalue. Returns, per
     target, the coefficients g (b, k-1) with prediction :math:`g^T Y_c`,
     :math:`g = U \\mathrm{diag}(kept/\\lambda) U^T k_q`, and which items are not accurate
     enough (see :func:`_unreliable`). Items expected to keep every component (best alpha
     the smallest for all targets) first try a certificate: a Cholesky factorisation of
     :math:`K - f I`, with :math:`f` the largest squared threshold (or the reliability
-    floor :math:`10^{-10}\\,\\mathrm{tr} K`) plus the rounding noise, succeeds only if every
+    floor :math:`10^{-10}` ``top``) plus the rounding noise, succeeds only if every
     eigenvalue is above the cutoff; then :math:`g = K^{-1} k_q` by a linear solve. Both
     cost a fraction of the eigendecomposition the other items take.
     """
@@ -280,9 +281,9 @@ def _refit(kr, kq_r, thresholds, all_kept_likely, d, k):
     need_vectors = xp.ones(n_batch, dtype=bool)
     tried = xp.nonzero(all_kept_likely)[0] if rank == size else xp.zeros(0, dtype=xp.int64)
     if len(tried):
-        trace = xp.trace(kr[tried], axis1=1, axis2=2)
-        floor = xp.maximum(xp.max(thresholds[:, tried], axis=0) ** 2, RELIABLE_EIGENVALUE * trace)
-        floor += EIGH_NOISE * k * EPS * trace
+        largest = top[tried]
+        floor = xp.maximum(xp.max(thresholds[:, tried], axis=0) ** 2, RELIABLE_EIGENVALUE * largest)
+        floor += EIGH_NOISE * k * EPS * largest
         shifted = kr[tried] - floor[:, None, None] * xp.eye(size)[None]
         solved = tried[_cholesky_succeeds(shifted)]
         if len(solved):
@@ -332,7 +333,9 @@ def _kernel_path(xc, ycs, q, n1, alphas, rcond):
     kq_r = (kq - c * (kq @ w)[:, None] * w[None, :])[:, 1:]
     first = int(np.argmin(alphas))
     all_kept_likely = (bests == first).all(axis=0)
-    coefs, redo = _refit(_reflect_kernel(kern), kq_r, chosen, all_kept_likely, d, k)
+    # For a PSD block matrix lambda_max(K) <= lambda_max(K11) + lambda_max(K22).
+    top = xp.maximum(lam1[:, 0], 0.0) + xp.maximum(lam2[:, 0], 0.0)
+    coefs, redo = _refit(_reflect_kernel(kern), kq_r, chosen, all_kept_likely, d, k, top)
     predictions = [_vector_times(_unreflect(g), yc) for g, yc in zip(coefs, ycs, strict=True)]
     redo |= _unreliable(lam1, smallest, k) | _unreliable(lam2, smallest, k)
     return predictions, list(bests), redo
@@ -351,9 +354,7 @@ def _svd_path(xc, ycs, q, n1, alphas, rcond):
     y_all, groups = _side_by_side(ycs)
     y1, y2 = y_all[:, :n1], y_all[:, n1:]
     b1, b2 = u1.transpose(0, 2, 1) @ y1, u2.transpose(0, 2, 1) @ y2
-    bests, chosen, _ = _best_alpha(
-        a12, b1, s1, s1, a21, b2, s2, s2, y1, y2, alphas, rcond, groups
-    )
+    bests, chosen, _ = _best_alpha(a12, b1, s1, s1, a21, b2, s2, s2, y1, y2, alphas, rcond, groups)
     predictions = []
     for yc, threshold in zip(ycs, chosen, strict=True):
         coef = q_v * xp.where(s > threshold[:, None], inverse, 0.0)

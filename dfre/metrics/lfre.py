@@ -163,40 +163,25 @@ def _check_k(kmat: np.ndarray, n_train: int) -> None:
 
 
 # ---------------------------------------------------------------------- scaling
-def _fit_scalers(trains, tests, names) -> list[_Scaler]:
-    """Fit the scaler of every feature set on its train rows; refuse NaN/inf and constants.
+def _fit_and_scale(block):
+    """skmatter's StandardFlexibleScaler fitted on one feature set's train rows and applied.
 
-    One pass: with :math:`s` the first train row (so large offsets cost no accuracy),
-    the column sums :math:`S_1 = \\sum (x - s)` and :math:`S_2 = \\sum (x - s)^2` give
-    :math:`\\mu = s + S_1/n` and the total variance
-    :math:`\\sum_j (S_{2j}/n - (S_{1j}/n)^2)`, whose square root is the scale.
+    With :math:`s` the first row (so large offsets cost no accuracy) and
+    :math:`c = x - s` in float64, :math:`\\mu = s + \\bar c` and the scale is
+    :math:`\\sigma = (\\sum_j \\overline{c_j^2} - \\bar c_j^2)^{1/2}` (total variance 1
+    after scaling). One float64 array is allocated and scaled in place:
+    :math:`(c - \\bar c)/\\sigma`. Returns ``(scaled rows, mean, total variance)``.
     """
-    shifts = dask.compute(*[t[:1].astype(np.float64) for t in trains])
-    sums, squares, finite = [], [], []
-    for t, shift in zip(trains, shifts, strict=True):
-        centred = t.astype(np.float64) - shift
-        sums.append(centred.sum(axis=0))
-        squares.append((centred**2).sum(axis=0))
-    finite = [da.isfinite(t).all() for t in trains + tests]
-    sums, squares, finite = dask.compute(sums, squares, finite)
-    n = len(trains)
-    scalers = []
-    for i, name in enumerate(names):
-        if not (bool(finite[i]) and bool(finite[n + i])):
-            raise DfreError(
-                f"feature set {name} has NaN or infinite values in the selected rows: mask "
-                "those atoms (featurize records them) or fix the features"
-            )
-        n_rows = trains[i].shape[0]
-        offset = to_numpy(sums[i]) / n_rows
-        var_sum = float(np.sum(np.maximum(to_numpy(squares[i]) / n_rows - offset**2, 0.0)))
-        if not var_sum >= ZERO_VARIANCE:
-            raise DfreError(
-                f"feature set {name} is constant on the train rows (total variance "
-                f"{var_sum:.3g}): it cannot be scaled; drop it or check how it was computed"
-            )
-        scalers.append(_Scaler(to_numpy(shifts[i])[0] + offset, float(np.sqrt(var_sum))))
-    return scalers
+    xp = array_module(block)
+    shift = xp.asarray(block[0], dtype=xp.float64)
+    rows = xp.subtract(block, shift, dtype=xp.float64)
+    offset = rows.sum(axis=0) / rows.shape[0]
+    squares = xp.einsum("ij,ij->j", rows, rows) / rows.shape[0]
+    variance = float(xp.sum(xp.maximum(squares - offset**2, 0.0)))
+    rows -= offset
+    if variance > 0:
+        rows /= np.sqrt(variance)
+    return rows, to_numpy(shift + offset), variance
 
 
 # ---------------------------------------------------------------------- one block of queries
@@ -259,28 +244,42 @@ def _single_block(arr: da.Array):
 
 
 # ---------------------------------------------------------------------- one fold
-def _scaled_rows(trains, tests, scalers):
-    """Scaled float64 train rows (one block each) and test rows, persisted.
+def _scaled_rows(trains, tests, names):
+    """Scaled float64 train rows (one block each), their scalers, and scaled test rows.
 
-    Made once per fold -- in memory, or on the workers of a distributed cluster -- and
-    shared by the kNN (whose partitions are slices of the train block) and every ridge
-    task.
+    Made once per fold and persisted -- in memory, or on the workers of a distributed
+    cluster -- then shared by the kNN (whose partitions are slices of the train block)
+    and every ridge task. NaN/inf features and constant feature sets are refused.
     """
-    train_blocks = [
-        dask.delayed(_scaled, pure=True)(_single_block(t), s)
-        for t, s in zip(trains, scalers, strict=True)
-    ]
-    tests = [
-        t.map_blocks(_scaled, s, dtype=np.float64) for t, s in zip(tests, scalers, strict=True)
-    ]
-    train_blocks, tests = dask.persist(train_blocks, tests)
+    fitted = dask.persist(
+        *[dask.delayed(_fit_and_scale, pure=True)(_single_block(t)) for t in trains]
+    )
+    stats = dask.compute(*[(f[1], f[2]) for f in fitted])
+    finite = dask.compute(*[da.isfinite(t).all() for t in tests])
+    scalers = []
+    for name, (mean, variance), test_ok in zip(names, stats, finite, strict=True):
+        if not (np.isfinite(variance) and np.isfinite(mean).all() and bool(test_ok)):
+            raise DfreError(
+                f"feature set {name} has NaN or infinite values in the selected rows: mask "
+                "those atoms (featurize records them) or fix the features"
+            )
+        if not variance >= ZERO_VARIANCE:
+            raise DfreError(
+                f"feature set {name} is constant on the train rows (total variance "
+                f"{variance:.3g}): it cannot be scaled; drop it or check how it was computed"
+            )
+        scalers.append(_Scaler(mean, float(np.sqrt(variance))))
+    train_blocks = [f[0] for f in fitted]
+    tests = dask.persist(
+        *[t.map_blocks(_scaled, s, dtype=np.float64) for t, s in zip(tests, scalers, strict=True)]
+    )
     partitioned = [
         da.from_delayed(
             block, shape=t.shape, dtype=np.float64, meta=array_module(t).empty((0, 0))
         ).rechunk((KNN_PARTITION_ROWS, -1))
         for block, t in zip(train_blocks, trains, strict=True)
     ]
-    return train_blocks, partitioned, tests
+    return train_blocks, partitioned, list(tests)
 
 
 def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
@@ -292,10 +291,9 @@ def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
     n_sets = len(arrays)
     trains = [a[train] for a in arrays]
     tests = [a[test] for a in arrays]
-    scalers = _fit_scalers(trains, tests, names)
     query_block = opts["query_block"]
     tests = [t.rechunk((query_block, -1)) for t in tests]
-    train_blocks, partitioned, tests = _scaled_rows(trains, tests, scalers)
+    train_blocks, partitioned, tests = _scaled_rows(trains, tests, names)
     test_blocks = [t.to_delayed().ravel() for t in tests]
     sources = [i for i in range(n_sets) if kmat[i].any()]
     started = time.perf_counter()
@@ -562,9 +560,7 @@ def pointwise_local_reconstruction_error(
     train, test = skmatter_default_split(n_rows, train_idx, test_idx)
     train = _check_rows(train, "train", n_rows)
     test = _check_rows(test, "test", n_rows)
-    result = lfre_matrix(
-        [x, y], (train, test), int(n_local_points), alphas=alphas, pairs=[(0, 1)]
-    )
+    result = lfre_matrix([x, y], (train, test), int(n_local_points), alphas=alphas, pairs=[(0, 1)])
     return result.pointwise[0, 1]
 
 
