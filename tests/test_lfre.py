@@ -241,3 +241,26 @@ def test_large_feature_offsets_scale_like_skmatter():
         rtol=RTOL,
         atol=ATOL,
     )
+
+
+def test_k_rules_min_max_and_fixed():
+    np.testing.assert_array_equal(dm.lfre.k_matrix([3, 5], "max"), [[3, 5], [5, 5]])
+    np.testing.assert_array_equal(dm.lfre.k_matrix([3, 5], "min"), [[3, 3], [3, 5]])
+    np.testing.assert_array_equal(dm.lfre.k_matrix([3, 5], None), [[3, 3], [3, 5]])
+    np.testing.assert_array_equal(dm.lfre.k_matrix([3, 5], 4), [[4, 4], [4, 4]])
+    with pytest.raises(DfreError, match="'min' or 'max'"):
+        dm.lfre.k_matrix([3, 5], "median")
+    assert dm.lfre.parse_k("max") == "max" and dm.lfre.parse_k("12") == 12
+    with pytest.raises(DfreError, match="--k x"):
+        dm.lfre.parse_k("x")
+
+
+def test_lfre_matrix_with_the_larger_dimension_as_k_equals_skmatter():
+    """The paper's Fig. 8 takes k = max(d_F, d_F')."""
+    sets = correlated(400, (5, 9), seed=6)
+    selection = make_selection("random:25", 400, seed=2)
+    result = lfre_matrix(sets, selection, "max")
+    np.testing.assert_array_equal(result.k, [[5, 9], [9, 9]])
+    assert result.config["k_rule"] == "max(d_F, d_F')"
+    ref = skmatter_pair(sets[0], sets[1], 9, selection.train, selection.test)
+    np.testing.assert_allclose(result.pointwise[0, 1], ref, rtol=RTOL, atol=ATOL)

@@ -85,6 +85,7 @@ def test_study_end_to_end_with_chgnet_and_rerun(tmp_path, capsys):
         ('store = "s.zarr"\n[cumulants]\norder = "8"\n', "key 'order' must be int, got '8'"),
         ('store = "s.zarr"\n[[compare]]\nname = "a"\nmetrics = ["cka"]\n', "use gfre and/or lfre"),
         ('store = "s.zarr"\n[[compare]]\nmetrics = ["gfre"]\n', "[[compare]] number 1 needs name"),
+        ('store = "s.zarr"\n[[compare]]\nname = "a"\nk = "all"\n', "k = 'all'; give a number"),
         ('store = "s.zarr"\n[compare]\nname = "a"\n', "write [[compare]]"),
         ("store = \n", "is not valid TOML"),
         ('store = "s.zarr"\n[report]\n', "does not exist and the study has no [dataset]"),

@@ -35,7 +35,11 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--selection", default="stratified:1000", help="test selection spec")
     p.add_argument("--seed", type=int, default=0, help="seed of the selection")
-    p.add_argument("--k", type=int, help="LFRE neighbours (default: smaller dimension per pair)")
+    p.add_argument(
+        "--k",
+        help="LFRE neighbours: a number, min or max (default min: the smaller dimension per "
+        "pair; the paper's Fig. 8 uses max)",
+    )
     p.add_argument("--run-prefix", default="", help="prefix of the result names")
     add_cluster_arguments(p)
     p.set_defaults(handler=run)
@@ -45,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from dfre.data.selection import parse_spec
     from dfre.errors import DfreError
     from dfre.lock import store_lock
+    from dfre.metrics.lfre import parse_k
     from dfre.store import Store
     from dfre.studies.checkpoints import checkpoint_trajectory
 
@@ -52,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     for name in args.features:
         store.feature_array(name)  # unknown names fail before a cluster starts
     parse_spec(args.selection)
+    k = parse_k(args.k) if args.k is not None else None
     if args.epochs is not None and len(args.epochs) != len(args.features):
         raise DfreError(
             f"{len(args.epochs)} --epochs for {len(args.features)} --features: give one each"
@@ -67,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                 metric=metric,
                 selection=args.selection,
                 seed=args.seed,
-                k=args.k,
+                k=k,
                 run=run_name,
             )
             column = result.names.index(args.reference or args.features[-1])

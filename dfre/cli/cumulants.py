@@ -46,7 +46,11 @@ def add_parser(subparsers) -> None:
         help="test structures of --study: random:N, stratified:N, kfold:K (default kfold:2)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the --study selection")
-    p.add_argument("--k", type=int, help="LFRE neighbours (default: smaller dimension per pair)")
+    p.add_argument(
+        "--k",
+        help="LFRE neighbours: a number, min or max (default min: the smaller dimension per "
+        "pair; the paper's Fig. 8 uses max)",
+    )
     add_cluster_arguments(p)
     p.set_defaults(handler=run)
 
@@ -54,9 +58,11 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from dfre.errors import DfreError
     from dfre.lock import store_lock
+    from dfre.metrics.lfre import parse_k
     from dfre.store import Store
 
     order = check_order(args.order)
+    k = parse_k(args.k) if args.k is not None else None
     store = Store.open(args.store, mode="r+")
     names = args.features or store.feature_names()
     if not names:
@@ -96,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                 "metric": metric,
                 "selection": args.selection,
                 "seed": args.seed,
-                "k": args.k,
+                "k": k,
             }
             for descriptor in descriptors:
                 cumulant_order_study(store, descriptor, **options)

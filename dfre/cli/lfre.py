@@ -27,9 +27,9 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument(
         "--k",
-        type=int,
         default=None,
-        help="neighbours per environment (default: min(d_F, d_F') per pair, as the paper)",
+        help="neighbours per environment: a number, min or max (default min: min(d_F, d_F') "
+        "per pair, as the paper's model comparisons; max: as its Fig. 8)",
     )
     p.add_argument(
         "--selection",
@@ -55,14 +55,15 @@ def run(args) -> int:
     from dfre.errors import DfreError
     from dfre.linalg.backend import gpu_available
     from dfre.metrics.breakdown import breakdown
-    from dfre.metrics.lfre import lfre_store
+    from dfre.metrics.lfre import lfre_store, parse_k
     from dfre.store import Store
 
     store = Store.open(args.store, mode="r+")
     for name in args.features:  # fail on bad input before any cluster starts
         store.feature_array(name)
-    if args.k is not None and args.k < 2:
-        raise DfreError(f"--k {args.k}: the local 2-fold ridge needs at least 2 neighbours")
+    k = parse_k(args.k) if args.k is not None else None
+    if isinstance(k, int) and k < 2:
+        raise DfreError(f"--k {k}: the local 2-fold ridge needs at least 2 neighbours")
     valid = store.valid_rows(args.features)
     selection = selection_for_store(args.selection, store, seed=args.seed, valid=valid)
     gpu = getattr(args, "gpu", None)
@@ -72,7 +73,7 @@ def run(args) -> int:
             store,
             args.features,
             selection,
-            k=args.k,
+            k=k,
             run=args.run,
             seed=args.seed,
             device=device,

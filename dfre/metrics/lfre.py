@@ -140,12 +140,38 @@ def _folds_of(selection: Any, n_rows: int) -> list[tuple[np.ndarray, np.ndarray]
     return [(_check_rows(tr, "train", n_rows), _check_rows(te, "test", n_rows)) for tr, te in folds]
 
 
-def k_matrix(dims: Sequence[int], k: int | None = None) -> np.ndarray:
-    """Neighbours per pair: ``k`` everywhere, or the paper's :math:`\\min(d_F, d_{F'})`."""
+def k_matrix(dims: Sequence[int], k: int | str | None = None) -> np.ndarray:
+    """Neighbours per pair: ``k`` everywhere, or a rule on the two dimensions.
+
+    ``None`` or ``"min"``: :math:`\\min(d_F, d_{F'})`, the paper's choice for the model
+    comparisons; ``"max"``: :math:`\\max(d_F, d_{F'})`, its choice for the cumulant
+    orders (Fig. 8).
+    """
     dims = np.asarray(dims, dtype=np.int64)
-    if k is None:
+    if k is None or k == "min":
         return np.minimum(dims[:, None], dims[None, :])
+    if k == "max":
+        return np.maximum(dims[:, None], dims[None, :])
+    if isinstance(k, str) or isinstance(k, bool) or int(k) != k:
+        raise DfreError(f"k = {k!r}: give a number of neighbours, 'min' or 'max'")
     return np.full((len(dims), len(dims)), int(k), dtype=np.int64)
+
+
+def k_rule(k: int | str | None) -> str:
+    """How :func:`k_matrix` chose the neighbours, for a result's attributes."""
+    if k is None or k == "min":
+        return "min(d_F, d_F')"
+    return "max(d_F, d_F')" if k == "max" else "fixed"
+
+
+def parse_k(text: str) -> int | str:
+    """``--k`` on the command line: a number of neighbours, ``min`` or ``max``."""
+    if text in ("min", "max"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise DfreError(f"--k {text}: give a number of neighbours, min or max") from None
 
 
 def _check_k(kmat: np.ndarray, n_train: int) -> None:
@@ -348,7 +374,7 @@ def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
 def lfre_matrix(
     features: Mapping[str, Any] | Sequence[Any],
     selection: Any,
-    k: int | None = None,
+    k: int | str | None = None,
     *,
     names: Sequence[str] | None = None,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
@@ -363,7 +389,8 @@ def lfre_matrix(
     ``(store, "model/layer")`` pair), all with the same rows. ``selection``: a
     :class:`~dfre.data.selection.Selection` (one fold, or k folds for the full-dataset
     mode) or a ``(train_rows, test_rows)`` pair. ``k``: neighbours for every pair
-    (default :math:`\\min(d_F, d_{F'})` per pair). ``pairs``: only these (source, target)
+    (default :math:`\\min(d_F, d_{F'})` per pair; ``"max"`` takes the larger dimension, as
+    the paper's Fig. 8). ``pairs``: only these (source, target)
     index pairs (the others are NaN, k 0). ``device="cuda"`` moves the chunks to CuPy.
     Computes with the active Dask scheduler.
     """
@@ -405,7 +432,7 @@ def lfre_matrix(
         matrix = np.sqrt(np.mean(pointwise**2, axis=2))
     config = {
         "k": k,
-        "k_rule": "fixed" if k is not None else "min(d_F, d_F')",
+        "k_rule": k_rule(k),
         "alphas": [float(a) for a in alphas],
         "alpha_type": "relative",
         "regularization_method": "cutoff",
@@ -437,7 +464,7 @@ def lfre_store(
     names: Sequence[str],
     selection_spec: Any = "stratified:1000",
     *,
-    k: int | None = None,
+    k: int | str | None = None,
     run: str = "lfre",
     seed: int = 0,
     **options: Any,

@@ -25,7 +25,7 @@ TOML file. Example (every key but ``store`` is optional)::
     metrics = ["gfre", "lfre"]
     selection = "stratified:1000"
     seed = 0
-    # k = 50                       # LFRE neighbours (default: smaller dimension)
+    # k = 50                       # LFRE neighbours, or "min" (default) / "max" per pair
 
     [[checkpoints]]                # FRE of checkpoints against the last (Fig. 6)
     name = "finetune"
@@ -77,7 +77,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "metrics": list,
         "selection": str,
         "seed": int,
-        "k": int,
+        "k": (int, str),
         "solver": str,
     },
     "checkpoints": {
@@ -88,7 +88,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "metrics": list,
         "selection": str,
         "seed": int,
-        "k": int,
+        "k": (int, str),
     },
     "cumulants": {"order": int, "features": list, "studies": list, "selection": str, "seed": int},
     "pcovr": {
@@ -171,6 +171,10 @@ def _check_table(path: str, table: str, value: Any, index: int | None) -> dict:
             raise DfreError(
                 f"study file {path}: {where} key '{key}' must be {expected.__name__}, got {item!r}"
             )
+    if isinstance(value.get("k"), str) and value["k"] not in ("min", "max"):
+        raise DfreError(
+            f"study file {path}: {where} k = {value['k']!r}; give a number, \"min\" or \"max\""
+        )
     for key in ("metrics", "studies"):
         for metric in value.get(key, []):
             if metric not in METRICS:
