@@ -134,9 +134,11 @@ def store_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
 
 def _held_by_me(lock_path: str) -> bool:
     owner = _read_owner(lock_path)
-    return bool(owner) and owner.get("pid") == os.getpid() and owner.get(
-        "host"
-    ) == socket.gethostname()
+    return (
+        bool(owner)
+        and owner.get("pid") == os.getpid()
+        and owner.get("host") == socket.gethostname()
+    )
 
 
 def store_path_of(value: Any) -> str | None:

@@ -85,8 +85,12 @@ def test_merge_keeps_the_best_k_in_order():
 
 def test_knn_on_a_distributed_cluster(data):
     queries, train = data
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                      dashboard_address=":0") as cluster, Client(cluster):
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster),
+    ):
         _, idx = knn(queries, da.from_array(train, chunks=(1000, 7)), 9, query_block=50)
     np.testing.assert_array_equal(idx, brute_force(queries, train, 9)[1])
 

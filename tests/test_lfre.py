@@ -29,8 +29,11 @@ def correlated(n, dims, seed=0):
     latent = rng.normal(size=(n, 4))
     out = []
     for i, d in enumerate(dims):
-        f = np.tanh(latent @ rng.normal(size=(4, d))) if i % 2 else np.sin(latent @ rng.normal(
-            size=(4, d)))
+        f = (
+            np.tanh(latent @ rng.normal(size=(4, d)))
+            if i % 2
+            else np.sin(latent @ rng.normal(size=(4, d)))
+        )
         out.append(f + 0.05 * rng.normal(size=(n, d)))
     return out
 
@@ -45,17 +48,17 @@ def ch4():
 @pytest.mark.parametrize("direction", ["power->bi", "bi->power", "power->power"])
 def test_degenerate_ch4_manifold_equals_skmatter(ch4, direction):
     x, y, train, test = ch4
-    source, target = {"power->bi": (x, y), "bi->power": (y, x), "power->power": (x, x)}[
-        direction
-    ]
+    source, target = {"power->bi": (x, y), "bi->power": (y, x), "power->power": (x, x)}[direction]
     ref = sk_pw_lfre(source, target, 20, train_idx=train, test_idx=test)
-    ours = dm.pointwise_local_reconstruction_error(source, target, 20, train_idx=train,
-                                                   test_idx=test)
+    ours = dm.pointwise_local_reconstruction_error(
+        source, target, 20, train_idx=train, test_idx=test
+    )
     np.testing.assert_allclose(ours, ref, rtol=RTOL, atol=ATOL)
     assert dm.local_reconstruction_error(
         source, target, 20, train_idx=train, test_idx=test
-    ) == pytest.approx(sk_lfre(source, target, 20, train_idx=train, test_idx=test), rel=RTOL,
-                       abs=ATOL)
+    ) == pytest.approx(
+        sk_lfre(source, target, 20, train_idx=train, test_idx=test), rel=RTOL, abs=ATOL
+    )
 
 
 def test_power_spectrum_cannot_reconstruct_bispectrum_locally(ch4):
@@ -95,10 +98,13 @@ def test_correlated_sets_float32_and_dask_inputs():
     test = np.sort(rng.choice(700, 90, replace=False))
     train = np.setdiff1d(np.arange(700), test)
     x32, y32 = x.astype(np.float32), y.astype(np.float32)
-    ref = sk_pw_lfre(x32.astype(np.float64), y32.astype(np.float64), 6, train_idx=train,
-                     test_idx=test)
-    for xs, ys in [(x32, y32), (da.from_array(x32, chunks=(100, 9)),
-                                da.from_array(y32, chunks=(250, 6)))]:
+    ref = sk_pw_lfre(
+        x32.astype(np.float64), y32.astype(np.float64), 6, train_idx=train, test_idx=test
+    )
+    for xs, ys in [
+        (x32, y32),
+        (da.from_array(x32, chunks=(100, 9)), da.from_array(y32, chunks=(250, 6))),
+    ]:
         ours = dm.pointwise_local_reconstruction_error(xs, ys, 6, train_idx=train, test_idx=test)
         np.testing.assert_allclose(ours, ref, rtol=RTOL, atol=ATOL)
     assert ref.min() > 1e-3  # a real reconstruction error, not rounding noise
@@ -106,27 +112,34 @@ def test_correlated_sets_float32_and_dask_inputs():
 
 def test_custom_alphas_and_non_default_estimator(ch4):
     x, y, train, test = ch4
-    est = Ridge2FoldCV(alphas=np.geomspace(1e-6, 0.5, 7), alpha_type="relative",
-                       regularization_method="cutoff", random_state=0x5F3759DF, shuffle=True,
-                       scoring="neg_root_mean_squared_error")
+    est = Ridge2FoldCV(
+        alphas=np.geomspace(1e-6, 0.5, 7),
+        alpha_type="relative",
+        regularization_method="cutoff",
+        random_state=0x5F3759DF,
+        shuffle=True,
+        scoring="neg_root_mean_squared_error",
+    )
     np.testing.assert_allclose(
-        dm.pointwise_local_reconstruction_error(x, y, 20, train_idx=train, test_idx=test,
-                                                estimator=est),
+        dm.pointwise_local_reconstruction_error(
+            x, y, 20, train_idx=train, test_idx=test, estimator=est
+        ),
         sk_pw_lfre(x, y, 20, train_idx=train, test_idx=test, estimator=est),
-        rtol=RTOL, atol=ATOL,
+        rtol=RTOL,
+        atol=ATOL,
     )
     tikhonov = Ridge2FoldCV(alphas=[1e-3, 1e-1], regularization_method="tikhonov", random_state=1)
     # not reproduced by dfre: handed to skmatter, so still skmatter's numbers
     np.testing.assert_allclose(
-        dm.pointwise_local_reconstruction_error(x, y, 20, train_idx=train, test_idx=test,
-                                                estimator=tikhonov),
+        dm.pointwise_local_reconstruction_error(
+            x, y, 20, train_idx=train, test_idx=test, estimator=tikhonov
+        ),
         sk_pw_lfre(x, y, 20, train_idx=train, test_idx=test, estimator=tikhonov),
     )
 
 
 def skmatter_pair(x, y, k, train, test):
-    return sk_pw_lfre(x.astype(np.float64), y.astype(np.float64), k, train_idx=train,
-                      test_idx=test)
+    return sk_pw_lfre(x.astype(np.float64), y.astype(np.float64), k, train_idx=train, test_idx=test)
 
 
 def test_lfre_matrix_all_pairs_default_k_equals_skmatter():
@@ -137,11 +150,11 @@ def test_lfre_matrix_all_pairs_default_k_equals_skmatter():
     np.testing.assert_array_equal(result.k, [[7, 4, 7], [4, 4, 4], [7, 4, 10]])
     for i in range(3):
         for j in range(3):
-            ref = skmatter_pair(sets[i], sets[j], result.k[i, j], selection.train,
-                                selection.test)
+            ref = skmatter_pair(sets[i], sets[j], result.k[i, j], selection.train, selection.test)
             np.testing.assert_allclose(result.pointwise[i, j], ref, rtol=RTOL, atol=ATOL)
             assert result.matrix[i, j] == pytest.approx(
-                np.linalg.norm(ref) / np.sqrt(len(ref)), rel=RTOL, abs=ATOL)
+                np.linalg.norm(ref) / np.sqrt(len(ref)), rel=RTOL, abs=ATOL
+            )
     np.testing.assert_array_equal(result.test_rows, selection.test)
     assert np.all((result.alpha > 0) & (result.alpha < 1))
 
@@ -156,7 +169,8 @@ def test_kfold_full_dataset_every_environment_once():
         for i, j in [(0, 1), (1, 0)]:
             ref = skmatter_pair(sets[i], sets[j], 12, train, test)
             np.testing.assert_allclose(
-                result.pointwise[i, j, start : start + len(test)], ref, rtol=RTOL, atol=ATOL)
+                result.pointwise[i, j, start : start + len(test)], ref, rtol=RTOL, atol=ATOL
+            )
         start += len(test)
     np.testing.assert_allclose(result.matrix, np.sqrt((result.pointwise**2).mean(axis=2)))
 
@@ -172,14 +186,19 @@ def test_duplicate_rows_give_a_deterministic_result():
     train = np.setdiff1d(np.arange(150), test)
     first = dm.pointwise_local_reconstruction_error(x, y, 9, train_idx=train, test_idx=test)
     again = dm.pointwise_local_reconstruction_error(
-        da.from_array(x, chunks=(17, 4)), da.from_array(y, chunks=(40, 3)), 9,
-        train_idx=train, test_idx=test)
+        da.from_array(x, chunks=(17, 4)),
+        da.from_array(y, chunks=(40, 3)),
+        9,
+        train_idx=train,
+        test_idx=test,
+    )
     np.testing.assert_allclose(first, again, rtol=1e-12)  # same neighbours, same fits
 
-    tr, te, scaler, est = check_local_reconstruction_measures_input(x, y, 9, train, test, None,
-                                                                    None)
+    tr, te, scaler, est = check_local_reconstruction_measures_input(
+        x, y, 9, train, test, None, None
+    )
     x_tr, x_te, y_tr, y_te = _prepare_data(x, y, tr, te, scaler)
-    dist = (np.sum(x_tr**2, axis=1) + np.sum(x_te**2, axis=1)[:, None] - 2 * x_te @ x_tr.T)
+    dist = np.sum(x_tr**2, axis=1) + np.sum(x_te**2, axis=1)[:, None] - 2 * x_te @ x_tr.T
     ref = []
     for i in range(len(te)):
         nb = np.argsort(dist[i], kind="stable")[:9]
@@ -193,10 +212,18 @@ def test_distributed_cluster_gives_the_same_numbers():
     sets = correlated(400, (6, 5), seed=9)
     selection = Selection.explicit(np.arange(0, 400, 2), np.arange(1, 400, 8), 400)
     local = lfre_matrix(sets, selection)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster):
-        remote = lfre_matrix([da.from_array(s, chunks=(100, -1)) for s in sets], selection,
-                             query_block=16, tile_rows=64)
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster),
+    ):
+        remote = lfre_matrix(
+            [da.from_array(s, chunks=(100, -1)) for s in sets],
+            selection,
+            query_block=16,
+            tile_rows=64,
+        )
     np.testing.assert_allclose(remote.pointwise, local.pointwise, rtol=1e-12, atol=1e-15)
 
 

@@ -11,9 +11,15 @@ from dfre.linalg.local_ridge import DEFAULT_ALPHAS, fold_positions, local_ridge
 
 def skmatter_local(xn, yn, xq):
     """skmatter's local fit of pointwise_local_reconstruction_error, one query at a time."""
-    est = Ridge2FoldCV(alphas=np.geomspace(1e-9, 0.9, 20), alpha_type="relative",
-                       regularization_method="cutoff", random_state=0x5F3759DF, shuffle=True,
-                       scoring="neg_root_mean_squared_error", n_jobs=1)
+    est = Ridge2FoldCV(
+        alphas=np.geomspace(1e-9, 0.9, 20),
+        alpha_type="relative",
+        regularization_method="cutoff",
+        random_state=0x5F3759DF,
+        shuffle=True,
+        scoring="neg_root_mean_squared_error",
+        n_jobs=1,
+    )
     pred, alpha = [], []
     for x, y, q in zip(xn, yn, xq, strict=True):
         xm, ym = x.mean(axis=0), y.mean(axis=0)

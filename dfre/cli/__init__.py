@@ -17,9 +17,22 @@ from dfre.errors import DfreError
 
 #: Modules of ``dfre.cli`` that each define one or more sub-commands, in help order.
 COMMAND_MODULES: list[str] = [
-    "ingest", "sample", "info", "featurize", "models",
-    "cumulants", "pcovr", "report", "chemiscope", "cluster", "gfre", "lfre", "checkpoints",
-    "study", "demo"]
+    "ingest",
+    "sample",
+    "info",
+    "featurize",
+    "models",
+    "cumulants",
+    "pcovr",
+    "report",
+    "chemiscope",
+    "cluster",
+    "gfre",
+    "lfre",
+    "checkpoints",
+    "study",
+    "demo",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

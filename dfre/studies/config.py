@@ -173,7 +173,7 @@ def _check_table(path: str, table: str, value: Any, index: int | None) -> dict:
             )
     if isinstance(value.get("k"), str) and value["k"] not in ("min", "max"):
         raise DfreError(
-            f"study file {path}: {where} k = {value['k']!r}; give a number, \"min\" or \"max\""
+            f'study file {path}: {where} k = {value["k"]!r}; give a number, "min" or "max"'
         )
     for key in ("metrics", "studies"):
         for metric in value.get(key, []):
