@@ -245,6 +245,8 @@ def test_bad_inputs_raise_one_line_errors():
         broken[7, 2] = bad
         with pytest.raises(DfreError, match="NaN or infinite"):
             pw(broken, y, 5, train_idx=train, test_idx=test)
+    with pytest.raises(DfreError, match="too large for float64 sums of squares"):
+        pw(x * 1e200, y, 5, train_idx=train, test_idx=test)
     with pytest.raises(DfreError, match="constant on the train rows"):
         pw(np.ones_like(x), y, 5, train_idx=train, test_idx=test)
     with pytest.raises(DfreError, match="rows must lie in"):

@@ -200,10 +200,11 @@ def _fit_and_scale(block):
     """
     xp = array_module(block)
     shift = xp.asarray(block[0], dtype=xp.float64)
-    rows = xp.subtract(block, shift, dtype=xp.float64)
-    offset = rows.sum(axis=0) / rows.shape[0]
-    squares = xp.einsum("ij,ij->j", rows, rows) / rows.shape[0]
-    variance = float(xp.sum(xp.maximum(squares - offset**2, 0.0)))
+    with np.errstate(over="ignore", invalid="ignore"):  # NaN/inf/overflow: refused later
+        rows = xp.subtract(block, shift, dtype=xp.float64)
+        offset = rows.sum(axis=0) / rows.shape[0]
+        squares = xp.einsum("ij,ij->j", rows, rows) / rows.shape[0]
+        variance = float(xp.sum(xp.maximum(squares - offset**2, 0.0)))
     rows -= offset
     if variance > 0:
         rows /= np.sqrt(variance)
@@ -283,8 +284,13 @@ def _scaled_rows(trains, tests, names):
     stats = dask.compute(*[(f[1], f[2]) for f in fitted])
     finite = dask.compute(*[da.isfinite(t).all() for t in tests])
     scalers = []
-    for name, (mean, variance), test_ok in zip(names, stats, finite, strict=True):
+    for name, train, (mean, variance), test_ok in zip(names, trains, stats, finite, strict=True):
         if not (np.isfinite(variance) and np.isfinite(mean).all() and bool(test_ok)):
+            if bool(test_ok) and bool(da.isfinite(train).all().compute()):
+                raise DfreError(
+                    f"feature set {name} has values too large for float64 sums of squares "
+                    "(above about 1e150): rescale it"
+                )
             raise DfreError(
                 f"feature set {name} has NaN or infinite values in the selected rows: mask "
                 "those atoms (featurize records them) or fix the features"
