@@ -101,43 +101,22 @@ def test_pointwise_breakdown_values_and_bad_labels():
         pointwise_breakdown(pw, ["H"], ["a/b"])
 
 
-def test_cli_json_and_table(feature_store, capsys):
-    code = main(
-        [
-            "lfre",
-            "--store",
-            feature_store,
-            "--features",
-            *NAMES,
-            "--selection",
-            "random:30",
-            "--k",
-            "7",
-            "--run",
-            "cli",
-            "--json",
-            *CLUSTER,
-        ]
+def lfre_cli(store, *extra):
+    """``dfre lfre`` on the two feature sets of ``store``, 30 random test rows."""
+    return main(
+        ["lfre", "--store", store, "--features", *NAMES, "--selection", "random:30", *extra]
+        + CLUSTER
     )
+
+
+def test_cli_json_and_table(feature_store, capsys):
+    code = lfre_cli(feature_store, "--k", "7", "--run", "cli", "--json")
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     stored = Store.open(feature_store).result("cli")
     np.testing.assert_allclose(out["lfre"], stored["matrix"][...])
     assert out["k"] == [[7, 7], [7, 7]] and out["n_test"] == 30
-    code = main(
-        [
-            "lfre",
-            "--store",
-            feature_store,
-            "--features",
-            *NAMES,
-            "--selection",
-            "random:30",
-            "--breakdown",
-            "element",
-            *CLUSTER,
-        ]
-    )
+    code = lfre_cli(feature_store, "--breakdown", "element")
     assert code == 0
     text = capsys.readouterr().out
     assert "LFRE (rows: source, columns: target)" in text and "RMSE per element" in text
