@@ -38,6 +38,7 @@ import numpy as np
 
 from dfre.errors import DfreError
 from dfre.linalg.backend import array_module
+from dfre.linalg.scaling import scale_rows
 
 #: Largest number of train rows per GEMM tile (bounds the tile to tile_rows x query rows).
 DEFAULT_TILE_ROWS = 8192
@@ -58,16 +59,26 @@ def single_threaded_blas():
     return _threadpool_controller().limit(limits=1, user_api="blas")
 
 
+def _first_k_by_distance(dist, idx, k: int):
+    """The first ``k`` of every row by a stable sort on distance (ties keep their order)."""
+    xp = array_module(dist)
+    order = xp.argsort(dist, axis=1, kind="stable")[:, :k]
+    return xp.take_along_axis(dist, order, axis=1), xp.take_along_axis(idx, order, axis=1)
+
+
 def _sort_candidates(dist, idx, k: int):
     """Sort every row of (dist, idx) by distance, then index; keep the first ``k``."""
     xp = array_module(dist)
     by_index = xp.argsort(idx, axis=1)
-    dist = xp.take_along_axis(dist, by_index, axis=1)
-    idx = xp.take_along_axis(idx, by_index, axis=1)
-    by_distance = xp.argsort(dist, axis=1, kind="stable")[:, :k]
-    return xp.take_along_axis(dist, by_distance, axis=1), xp.take_along_axis(
-        idx, by_distance, axis=1
+    return _first_k_by_distance(
+        xp.take_along_axis(dist, by_index, axis=1), xp.take_along_axis(idx, by_index, axis=1), k
     )
+
+
+def _concatenated(a: tuple, b: tuple) -> tuple:
+    """Two candidate lists ``(dist, idx)`` of the same queries side by side."""
+    xp = array_module(a[0], b[0])
+    return xp.concatenate([a[0], b[0]], axis=1), xp.concatenate([a[1], b[1]], axis=1)
 
 
 def _smallest_in_tile(dist, k: int):
@@ -120,11 +131,7 @@ def _merge_later(best: tuple, later: tuple, k: int) -> tuple:
     A stable sort by distance of the concatenation is then ordered by (distance,
     position) without sorting the positions first.
     """
-    xp = array_module(best[0])
-    dist = xp.concatenate([best[0], later[0]], axis=1)
-    idx = xp.concatenate([best[1], later[1]], axis=1)
-    order = xp.argsort(dist, axis=1, kind="stable")[:, :k]
-    return xp.take_along_axis(dist, order, axis=1), xp.take_along_axis(idx, order, axis=1)
+    return _first_k_by_distance(*_concatenated(best, later), k)
 
 
 def knn_partition(queries, train, k: int, offset: int = 0, tile_rows: int = DEFAULT_TILE_ROWS):
@@ -169,10 +176,7 @@ def knn_partition(queries, train, k: int, offset: int = 0, tile_rows: int = DEFA
 
 def merge_neighbours(a: tuple, b: tuple, k: int) -> tuple:
     """Merge two candidate lists ``(dist, idx)`` of the same queries into the best ``k``."""
-    xp = array_module(a[0], b[0])
-    dist = xp.concatenate([a[0], b[0]], axis=1)
-    idx = xp.concatenate([a[1], b[1]], axis=1)
-    return _sort_candidates(dist, idx, k)
+    return _sort_candidates(*_concatenated(a, b), k)
 
 
 def _tree_merge(parts: list, k: int):
@@ -194,18 +198,6 @@ def _as_dask(x: Any, name: str, chunk_rows: int) -> da.Array:
     if x.ndim != 2:
         raise DfreError(f"{name} must be a 2-d array (rows x features), got shape {x.shape}")
     return da.from_array(x, chunks=(chunk_rows, x.shape[1]))
-
-
-def scale_rows(block, shift, scale: float):
-    """``(block - shift) / scale`` in float64 (a fitted scaler's transform, two passes);
-    with ``shift`` None and ``scale`` 1 the block itself, as float64."""
-    xp = array_module(block)
-    if shift is None:
-        out = xp.asarray(block, dtype=xp.float64)
-        return out if scale == 1.0 else out / scale
-    out = xp.subtract(block, xp.asarray(shift), dtype=xp.float64)
-    out /= scale
-    return out
 
 
 def knn_graph(

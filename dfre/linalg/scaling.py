@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dfre.errors import DfreError
+from dfre.linalg.backend import array_module
 
 #: skmatter's ``StandardFlexibleScaler(atol=1e-12)``: smallest total variance accepted.
 ZERO_VARIANCE = 1e-12
@@ -117,3 +118,15 @@ def gram_factor(gram: np.ndarray) -> np.ndarray:
     if rank == 0:
         factor[:] = 0.0
     return factor
+
+
+def scale_rows(block, shift, scale: float):
+    """``(block - shift) / scale`` in float64 (a fitted scaler's transform, two passes);
+    with ``shift`` None and ``scale`` 1 the block itself, as float64."""
+    xp = array_module(block)
+    if shift is None:
+        out = xp.asarray(block, dtype=xp.float64)
+        return out if scale == 1.0 else out / scale
+    out = xp.subtract(block, xp.asarray(shift), dtype=xp.float64)
+    out /= scale
+    return out

@@ -42,14 +42,12 @@ from dfre.linalg.knn import (
     DEFAULT_QUERY_BLOCK,
     DEFAULT_TILE_ROWS,
     knn_graph,
-    scale_rows,
     single_threaded_blas,
 )
 from dfre.linalg.local_ridge import DEFAULT_ALPHAS, RANDOM_STATE, fold_positions, local_ridge
+from dfre.linalg.scaling import ZERO_VARIANCE, scale_rows
 from dfre.lock import writes_store
 
-#: skmatter's StandardFlexibleScaler(atol=1e-12): smallest total variance accepted.
-ZERO_VARIANCE = 1e-12
 #: Bytes of float64 work arrays one local-ridge batch may use (numpy; CuPy gets 8x).
 RIDGE_BATCH_BYTES = 1 << 27
 #: Train rows per kNN partition (task): each partition starts its candidate lists afresh,
