@@ -176,12 +176,15 @@ def _direction_scores(a, b, s, denom, y_held, thresholds, rcond, groups):
     return scores
 
 
-def _best_alpha(a12, b1, s1, d1, a21, b2, s2, d2, y1, y2, alphas, rcond, groups):
+def _best_alpha(a12, b1, s1, d1, a21, b2, s2, d2, y1, y2, alphas, rcond, groups, floor):
     """Index of the first best alpha (T, batch), its threshold (T, batch) and all the
-    scaled thresholds (batch, n_alphas), for the T targets side by side in ``groups``."""
+    scaled thresholds (batch, n_alphas), for the T targets side by side in ``groups``.
+    ``floor`` (batch,) or None: no threshold below it (the noise-aware option)."""
     xp = array_module(a12)
     scale = xp.maximum(xp.maximum(s1.max(axis=1), s2.max(axis=1)), 0.0)
     thresholds = scale[:, None] * xp.asarray(alphas)[None, :]
+    if floor is not None:
+        thresholds = xp.maximum(thresholds, floor[:, None])
     score12 = _direction_scores(a12, b1, s1, d1, y2, thresholds, rcond, groups)
     score21 = _direction_scores(a21, b2, s2, d2, y1, thresholds, rcond, groups)
     best = xp.argmax((score12 + score21) / 2, axis=2)
@@ -304,7 +307,7 @@ def _refit(kr, kq_r, thresholds, all_kept_likely, d, k, top):
     return coefs, unreliable
 
 
-def _kernel_path(xc, ycs, q, n1, alphas, rcond):
+def _kernel_path(xc, ycs, q, n1, alphas, rcond, floor):
     """Kernel (eigh) solution for every target; also flags items that need the SVD path.
 
     The rows are in fold order: fold 1 is ``[:n1]``, fold 2 ``[n1:]``.
@@ -322,7 +325,7 @@ def _kernel_path(xc, ycs, q, n1, alphas, rcond):
     y1, y2 = y_all[:, f1], y_all[:, f2]
     b1, b2 = u1.transpose(0, 2, 1) @ y1, u2.transpose(0, 2, 1) @ y2
     bests, chosen, thresholds = _best_alpha(
-        a12, b1, s1, lam1, a21, b2, s2, lam2, y1, y2, alphas, rcond, groups
+        a12, b1, s1, lam1, a21, b2, s2, lam2, y1, y2, alphas, rcond, groups, floor
     )
     smallest = xp.maximum(thresholds.min(axis=1), rcond)
     # The centred rows sum to zero: the ones direction is an exact null vector of the
@@ -338,10 +341,10 @@ def _kernel_path(xc, ycs, q, n1, alphas, rcond):
     coefs, redo = _refit(_reflect_kernel(kern), kq_r, chosen, all_kept_likely, d, k, top)
     predictions = [_vector_times(_unreflect(g), yc) for g, yc in zip(coefs, ycs, strict=True)]
     redo |= _unreliable(lam1, smallest, k) | _unreliable(lam2, smallest, k)
-    return predictions, list(bests), redo
+    return predictions, list(bests), redo, chosen
 
 
-def _svd_path(xc, ycs, q, n1, alphas, rcond):
+def _svd_path(xc, ycs, q, n1, alphas, rcond, floor):
     """scikit-matter's SVD solution for every target (batched; rows in fold order)."""
     xp = array_module(xc)
     x1, x2 = xc[:, :n1], xc[:, n1:]
@@ -354,12 +357,21 @@ def _svd_path(xc, ycs, q, n1, alphas, rcond):
     y_all, groups = _side_by_side(ycs)
     y1, y2 = y_all[:, :n1], y_all[:, n1:]
     b1, b2 = u1.transpose(0, 2, 1) @ y1, u2.transpose(0, 2, 1) @ y2
-    bests, chosen, _ = _best_alpha(a12, b1, s1, s1, a21, b2, s2, s2, y1, y2, alphas, rcond, groups)
+    bests, chosen, _ = _best_alpha(
+        a12, b1, s1, s1, a21, b2, s2, s2, y1, y2, alphas, rcond, groups, floor
+    )
     predictions = []
     for yc, threshold in zip(ycs, chosen, strict=True):
         coef = q_v * xp.where(s > threshold[:, None], inverse, 0.0)
         predictions.append(_vector_times(_vector_times(coef, u.transpose(0, 2, 1)), yc))
-    return predictions, list(bests)
+    return predictions, list(bests), chosen
+
+
+def _fold_scale(xc, n1):
+    """max(s_1,max, s_2,max): the scale of the relative alphas (2-norms of the fold blocks)."""
+    xp = array_module(xc)
+    norms = [xp.linalg.norm(block, ord=2, axis=(1, 2)) for block in (xc[:, :n1], xc[:, n1:])]
+    return xp.maximum(*norms)
 
 
 def local_ridge(
@@ -370,6 +382,7 @@ def local_ridge(
     *,
     method: str = "auto",
     fold_ordered: bool = False,
+    floor=None,
 ):
     """Local ridge predictions of one or several targets for a batch of queries.
 
@@ -380,8 +393,11 @@ def local_ridge(
     the kernel is not accurate enough), ``"svd"`` or ``"kernel"`` (no fallback; for
     measurements only). ``fold_ordered`` says the k neighbours are already given in fold
     order (the positions of :func:`fold_positions` fold 1, then fold 2), as a caller
-    gathering them can arrange for free. Returns a :class:`LocalRidgeResult` per target (a
-    list when a list was given) whose ``prediction`` is :math:`\\bar y + (x - \\bar x) P`.
+    gathering them can arrange for free. ``floor`` (b,) is an optional smallest cutoff per
+    neighbourhood (in singular-value units of the scaled rows): no threshold of the alpha
+    grid goes below it, and the reported alpha is then the effective relative cutoff.
+    Returns a :class:`LocalRidgeResult` per target (a list when a list was given) whose
+    ``prediction`` is :math:`\\bar y + (x - \\bar x) P`.
     """
     several = isinstance(y_neighbours, list | tuple)
     ys = list(y_neighbours) if several else [y_neighbours]
@@ -404,22 +420,37 @@ def local_ridge(
     ycs = [y - ym[:, None] for y, ym in zip(ys, yms, strict=True)]
     q = xp.asarray(x_query, dtype=xp.float64) - xm
     rcond = max(k, d) * EPS
+    floor = None if floor is None else xp.asarray(floor, dtype=xp.float64)
     if method == "svd":
-        centred, bests = _svd_path(xc, ycs, q, n1, alphas, rcond)
+        centred, bests, chosen = _svd_path(xc, ycs, q, n1, alphas, rcond, floor)
         n_exact = n_batch
     else:
-        centred, bests, redo = _kernel_path(xc, ycs, q, n1, alphas, rcond)
+        centred, bests, redo, chosen = _kernel_path(xc, ycs, q, n1, alphas, rcond, floor)
         redo = xp.nonzero(redo)[0] if method == "auto" else redo[:0]
         n_exact = int(len(redo))
         if n_exact:
-            exact, exact_best = _svd_path(
-                xc[redo], [yc[redo] for yc in ycs], q[redo], n1, alphas, rcond
+            exact, exact_best, exact_chosen = _svd_path(
+                xc[redo],
+                [yc[redo] for yc in ycs],
+                q[redo],
+                n1,
+                alphas,
+                rcond,
+                None if floor is None else floor[redo],
             )
             for t in range(len(ycs)):
                 centred[t][redo], bests[t][redo] = exact[t], exact_best[t]
+                chosen[t][redo] = exact_chosen[t]
     alphas_xp = xp.asarray(alphas)
+    if floor is None:
+        chosen_alphas = [alphas_xp[best] for best in bests]
+    else:  # the effective relative cutoff: threshold / max singular value of the folds
+        chosen_alphas = [
+            xp.maximum(alphas_xp[best], c / _fold_scale(xc, n1))
+            for best, c in zip(bests, chosen, strict=True)
+        ]
     results = [
-        LocalRidgeResult(ym + c, alphas_xp[best], n_exact)
-        for ym, c, best in zip(yms, centred, bests, strict=True)
+        LocalRidgeResult(ym + c, alpha, n_exact)
+        for ym, c, alpha in zip(yms, centred, chosen_alphas, strict=True)
     ]
     return results if several else results[0]

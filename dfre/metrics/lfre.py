@@ -46,7 +46,10 @@ from dfre.linalg.knn import (
 )
 from dfre.linalg.local_ridge import DEFAULT_ALPHAS, RANDOM_STATE, fold_positions, local_ridge
 from dfre.linalg.scaling import ZERO_VARIANCE, scale_rows
+from dfre.linalg.spectrum import SetSpectrum, unit_roundoff
 from dfre.lock import writes_store
+from dfre.metrics.diagnostics import Diagnostics, describe_rows, diagnose, selection_warnings
+from dfre.metrics.uncertainty import bootstrap_standard_error, uncertainty_arrays
 
 #: Bytes of float64 work arrays one local-ridge batch may use (numpy; CuPy gets 8x).
 RIDGE_BATCH_BYTES = 1 << 27
@@ -71,14 +74,19 @@ class LfreResult:
     selection: Any = None
     config: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    error: np.ndarray | None = None  # (M, M) bootstrap standard error of ``matrix``
+    diagnostics: Diagnostics | None = None
+    spectra: list[SetSpectrum] | None = None
 
 
 @dataclass
 class _Scaler:
-    """skmatter's StandardFlexibleScaler fitted on train rows: (x - mean) / scale."""
+    """skmatter's StandardFlexibleScaler fitted on train rows: (x - mean) / scale, and the
+    noise floor per train row: ``roundoff / scale`` times the row's stored norm."""
 
     mean: np.ndarray
     scale: float
+    roundoff: float = 0.0
 
 
 # ---------------------------------------------------------------------- inputs
@@ -187,26 +195,45 @@ def _check_k(kmat: np.ndarray, n_train: int) -> None:
 
 
 # ---------------------------------------------------------------------- scaling
-def _fit_and_scale(block):
+def _fit_and_scale(block, name: str):
     """skmatter's StandardFlexibleScaler fitted on one feature set's train rows and applied.
 
     With :math:`s` the first row (so large offsets cost no accuracy) and
     :math:`c = x - s` in float64, :math:`\\mu = s + \\bar c` and the scale is
     :math:`\\sigma = (\\sum_j \\overline{c_j^2} - \\bar c_j^2)^{1/2}` (total variance 1
     after scaling). One float64 array is allocated and scaled in place:
-    :math:`(c - \\bar c)/\\sigma`. Returns ``(scaled rows, mean, total variance)``.
+    :math:`(c - \\bar c)/\\sigma`. Returns ``(scaled rows, mean, total variance, stored
+    norms, spectrum)``: the norms :math:`\\|x_i\\|` of the stored rows (for the noise floor
+    of a neighbourhood) and the singular values of the centred rows from their Gram
+    matrix (:class:`~dfre.linalg.spectrum.SetSpectrum`, for the diagnostics).
     """
     xp = array_module(block)
     shift = xp.asarray(block[0], dtype=xp.float64)
     with np.errstate(over="ignore", invalid="ignore"):  # NaN/inf/overflow: refused later
         rows = xp.subtract(block, shift, dtype=xp.float64)
+        norms = xp.sqrt(xp.maximum(xp.einsum("ij,ij->i", rows + shift, rows + shift), 0.0))
         offset = rows.sum(axis=0) / rows.shape[0]
         squares = xp.einsum("ij,ij->j", rows, rows) / rows.shape[0]
         variance = float(xp.sum(xp.maximum(squares - offset**2, 0.0)))
     rows -= offset
+    spectrum = _gram_spectrum(rows, norms, block.dtype, name)
     if variance > 0:
         rows /= np.sqrt(variance)
-    return rows, to_numpy(shift + offset), variance
+    return rows, to_numpy(shift + offset), variance, norms, spectrum
+
+
+def _gram_spectrum(centred, norms, dtype, name: str) -> SetSpectrum:
+    """Spectrum of centred rows from their Gram matrix (resolved to ~1e-7 of s_max)."""
+    xp = array_module(centred)
+    n, d = centred.shape
+    with np.errstate(over="ignore", invalid="ignore"):
+        gram = to_numpy(centred.T @ centred)
+    # non-finite features are refused with their own message once this task returns
+    lam = np.linalg.eigvalsh(gram)[::-1] if np.isfinite(gram).all() else np.zeros(d)
+    s = np.sqrt(np.clip(lam, 0.0, None))[: min(n, d)]
+    floor = unit_roundoff(dtype) * float(to_numpy(xp.sqrt(xp.sum(norms**2))))
+    ratio = float(s[-1] / s[0]) if len(s) and s[0] > 0 else 0.0
+    return SetSpectrum(name, d, float(n), s, floor, ratio, exact=False)
 
 
 # ---------------------------------------------------------------------- one block of queries
@@ -220,21 +247,23 @@ def _scaled(x, scaler: _Scaler):
     return scale_rows(x, scaler.mean, scaler.scale)
 
 
-def _ridge_block(x_train, x_query, y_trains, y_queries, neighbours, alphas, rows=None):
+def _ridge_block(x_train, x_query, y_trains, y_queries, neighbours, alphas, rows=None, noise=None):
     """Pointwise errors and chosen alphas of one query block for several targets.
 
     All rows are scaled float64. ``neighbours`` (b, k) are positions into the train
     arrays; all targets share k. ``rows`` (a slice) picks the b queries out of the query
-    blocks (default all). Returns ``(errors (T, b), alphas (T, b), n_exact)``.
+    blocks (default all). ``noise`` = ``(stored row norms of the source train rows,
+    roundoff / scale)`` asks for the noise-aware cutoff floor of each neighbourhood.
+    Returns ``(errors (T, b), alphas (T, b), n_exact)``.
     """
     if rows is not None:
         x_query = x_query[rows]
         y_queries = [y[rows] for y in y_queries]
     with single_threaded_blas():
-        return _ridge_block_body(x_train, x_query, y_trains, y_queries, neighbours, alphas)
+        return _ridge_block_body(x_train, x_query, y_trains, y_queries, neighbours, alphas, noise)
 
 
-def _ridge_block_body(x_train, x_query, y_trains, y_queries, neighbours, alphas):
+def _ridge_block_body(x_train, x_query, y_trains, y_queries, neighbours, alphas, noise):
     xp = array_module(x_train)
     neighbours = xp.asarray(neighbours)
     n_query, k = neighbours.shape
@@ -248,12 +277,17 @@ def _ridge_block_body(x_train, x_query, y_trains, y_queries, neighbours, alphas)
     for start in range(0, n_query, batch):
         stop = min(start + batch, n_query)
         idx = neighbours[start:stop]
+        floor = None
+        if noise is not None:  # u ||X_nbr||_F of the stored rows, in scaled units
+            norms, factor = noise
+            floor = factor * xp.sqrt(xp.sum(norms[idx] ** 2, axis=1))
         results = local_ridge(
             x_train[idx],
             [y[idx] for y in y_trains],
             x_query[start:stop],
             alphas,
             fold_ordered=True,
+            floor=floor,
         )
         for t, res in enumerate(results):
             residual = y_queries[t][start:stop] - res.prediction
@@ -277,9 +311,13 @@ def _scaled_rows(trains, tests, names):
     and every ridge task. NaN/inf features and constant feature sets are refused.
     """
     fitted = dask.persist(
-        *[dask.delayed(_fit_and_scale, pure=True)(_single_block(t)) for t in trains]
+        *[
+            dask.delayed(_fit_and_scale, pure=True)(_single_block(t), name)
+            for t, name in zip(trains, names, strict=True)
+        ]
     )
     stats = dask.compute(*[(f[1], f[2]) for f in fitted])
+    spectra = list(dask.compute(*[f[4] for f in fitted]))
     finite = dask.compute(*[da.isfinite(t).all() for t in tests])
     scalers = []
     for name, train, (mean, variance), test_ok in zip(names, trains, stats, finite, strict=True):
@@ -298,8 +336,10 @@ def _scaled_rows(trains, tests, names):
                 f"feature set {name} is constant on the train rows (total variance "
                 f"{variance:.3g}): it cannot be scaled; drop it or check how it was computed"
             )
-        scalers.append(_Scaler(mean, float(np.sqrt(variance))))
+        scale = float(np.sqrt(variance))
+        scalers.append(_Scaler(mean, scale, unit_roundoff(train.dtype) / scale))
     train_blocks = [f[0] for f in fitted]
+    norms = [f[3] for f in fitted]
     tests = dask.persist(
         *[t.map_blocks(_scaled, s, dtype=np.float64) for t, s in zip(tests, scalers, strict=True)]
     )
@@ -309,7 +349,7 @@ def _scaled_rows(trains, tests, names):
         ).rechunk((KNN_PARTITION_ROWS, -1))
         for block, t in zip(train_blocks, trains, strict=True)
     ]
-    return train_blocks, partitioned, list(tests)
+    return train_blocks, partitioned, list(tests), norms, scalers, spectra
 
 
 def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
@@ -323,7 +363,7 @@ def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
     tests = [a[test] for a in arrays]
     query_block = opts["query_block"]
     tests = [t.rechunk((query_block, -1)) for t in tests]
-    train_blocks, partitioned, tests = _scaled_rows(trains, tests, names)
+    train_blocks, partitioned, tests, norms, scalers, spectra = _scaled_rows(trains, tests, names)
     test_blocks = [t.to_delayed().ravel() for t in tests]
     sources = [i for i in range(n_sets) if kmat[i].any()]
     started = time.perf_counter()
@@ -359,6 +399,7 @@ def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
                             nbr[lo:hi, : int(k_value)],
                             alphas,
                             slice(lo, hi),
+                            (norms[i], scalers[i].roundoff) if opts["noise_floor"] else None,
                         )
                     )
                     keys.append((i, targets, slice(bounds[b] + lo, bounds[b] + hi)))
@@ -371,7 +412,7 @@ def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
         timings["ridge_neighbourhoods"] += int(rows.stop - rows.start)
     timings["ridge_solves"] += len(test) * int((kmat > 0).sum())
     timings["ridge_seconds"] += time.perf_counter() - started
-    return pointwise, alpha
+    return pointwise, alpha, spectra
 
 
 # ---------------------------------------------------------------------- public API
@@ -386,6 +427,8 @@ def lfre_matrix(
     pairs: Sequence[tuple[int, int]] | None = None,
     query_block: int | None = None,
     tile_rows: int | None = None,
+    alpha_floor: str | float | None = None,
+    describe: Any = None,
 ) -> LfreResult:
     """LFRE of every source→target pair of the feature sets ``features``.
 
@@ -396,7 +439,12 @@ def lfre_matrix(
     (default :math:`\\min(d_F, d_{F'})` per pair; ``"max"`` takes the larger dimension, as
     the paper's Fig. 8). ``pairs``: only these (source, target)
     index pairs (the others are NaN, k 0). ``device="cuda"`` moves the chunks to CuPy.
-    Computes with the active Dask scheduler.
+    ``alpha_floor``: ``None`` (skmatter's grid, the paper's protocol), ``"auto"`` (no cutoff
+    below the storage noise floor :math:`u \\|X_{\\mathcal N}\\|_F` of each neighbourhood,
+    see :mod:`dfre.linalg.spectrum`) or a relative cutoff every alpha is raised to.
+    ``describe(rows)`` names environments for the diagnostics of flagged entries.
+    Computes with the active Dask scheduler. The result carries bootstrap error bars
+    (:mod:`dfre.metrics.uncertainty`) and diagnostics (:mod:`dfre.metrics.diagnostics`).
     """
     names, arrays = _feature_arrays(features, names)
     if device == "cuda":
@@ -421,15 +469,27 @@ def lfre_matrix(
             wanted[i, j] = True
         kmat = np.where(wanted, kmat, 0)
     alphas = np.asarray(alphas, dtype=np.float64)
+    opts["noise_floor"] = alpha_floor == "auto"
+    if alpha_floor not in (None, "none", "auto"):
+        try:
+            floor = float(alpha_floor)
+        except (TypeError, ValueError):
+            raise DfreError(
+                f"alpha floor {alpha_floor!r}: give 'auto', 'none' or a relative cutoff in [0, 1)"
+            ) from None
+        if not 0 <= floor < 1:
+            raise DfreError(f"alpha floor {floor}: a relative cutoff lies in [0, 1)")
+        alphas = np.maximum(alphas, min(floor, alphas.max()))
     timings = dict.fromkeys(
         ["knn_seconds", "ridge_seconds", "knn_queries", "ridge_solves"], 0.0
     ) | {"ridge_neighbourhoods": 0, "exact_neighbourhoods": 0}
-    parts, alpha_parts = [], []
+    parts, alpha_parts, spectra = [], [], None
     for train, test in folds:
         _check_k(kmat, len(train))
-        pw, al = _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings)
+        pw, al, sp = _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings)
         parts.append(pw)
         alpha_parts.append(al)
+        spectra = spectra or sp
     pointwise = np.concatenate(parts, axis=2)
     alpha_all = np.concatenate(alpha_parts, axis=2)
     with np.errstate(invalid="ignore"):
@@ -448,17 +508,35 @@ def lfre_matrix(
         "tile_rows": opts["tile_rows"],
         "ridge_queries": opts["ridge_queries"],
         "device": "cuda" if gpu else "cpu",
+        "alpha_floor": None if alpha_floor in (None, "none") else str(alpha_floor),
     }
+    test_rows = np.concatenate([te for _, te in folds]).astype(np.int64)
+    error = bootstrap_standard_error(pointwise)
+    sources = [i for i in range(len(names)) if kmat[i].any()]
+    diagnostics = diagnose(
+        names,
+        matrix,
+        pointwise,
+        test_rows,
+        error=error,
+        warnings=selection_warnings(names, [a.shape[1] for a in arrays], folds, sources, k=kmat),
+        feature_sets={sp.name: sp.to_json() for sp in spectra},
+        describe=describe,
+    )
+    config["diagnostics"] = diagnostics.to_json()
     return LfreResult(
         names=list(names),
         matrix=matrix,
         k=kmat,
         alpha=np.median(alpha_all, axis=2),
         pointwise=pointwise,
-        test_rows=np.concatenate([te for _, te in folds]).astype(np.int64),
+        test_rows=test_rows,
         selection=selection,
         config=config,
         timings=timings,
+        error=error,
+        diagnostics=diagnostics,
+        spectra=spectra,
     )
 
 
@@ -492,7 +570,9 @@ def lfre_store(
     selection = selection_spec
     if isinstance(selection_spec, str):
         selection = selection_for_store(selection_spec, st, seed=seed, valid=st.valid_rows(names))
-    result = lfre_matrix(arrays, selection, k, names=names, **options)
+    result = lfre_matrix(
+        arrays, selection, k, names=names, describe=lambda rows: describe_rows(st, rows), **options
+    )
     result.config["seed"] = seed
     write_result(st, run, result)
     return result
@@ -511,6 +591,7 @@ def write_result(store: Any, run: str, result: LfreResult) -> None:
         "k": result.k.astype(np.int64),
         "test_rows": result.test_rows.astype(np.int64),
         "pointwise": result.pointwise.astype(np.float64),
+        **uncertainty_arrays(result),
     }
     store.write_run(run, "lfre", result, arrays)
 
