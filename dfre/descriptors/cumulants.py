@@ -429,14 +429,20 @@ def structure_fre(
     if isinstance(selection, str):
         codes = np.unique(np.asarray(store.subsets()).astype(str), return_inverse=True)[1]
         selection = make_selection(selection, n_structures, labels=codes, seed=seed, valid=valid)
+    from dfre.metrics.diagnostics import describe_rows
+
+    options = {
+        "describe": lambda rows: describe_rows(store, rows, level="structures"),
+        "row_name": "structures",
+    }
     if metric == "gfre":
         from dfre.metrics.gfre import gfre_matrix, write_result
 
-        result = gfre_matrix(dict(feature_sets), selection, pointwise=True)
+        result = gfre_matrix(dict(feature_sets), selection, pointwise=True, **options)
     else:
         from dfre.metrics.lfre import lfre_matrix, write_result
 
-        result = lfre_matrix(dict(feature_sets), selection, k)
+        result = lfre_matrix(dict(feature_sets), selection, k, **options)
     result.config.update({"level": "structure", "seed": seed, **(config or {})})
     write_result(store, run, result)
     return result
@@ -473,7 +479,10 @@ def cumulant_order_study(
 
     The feature sets are the prefixes :func:`cumulative_feature_sets` of the stored
     cumulant descriptor ``descriptor``; see :func:`structure_fre` for the other
-    arguments. Writes ``results/<run>`` (default ``<metric>-orders-<descriptor>``) with
+    arguments. LFRE neighbours ``k`` default to :math:`\\min(d, d')` per pair: the paper's
+    text states :math:`\\max(d, d')` for Fig. 8 while its analysis code uses the minimum
+    (``k="max"`` follows the text; :func:`dfre.metrics.lfre.k_matrix`). Writes
+    ``results/<run>`` (default ``<metric>-orders-<descriptor>``) with
     ``config["study"] = "cumulant-orders"``; returns the result.
     """
     phi, attrs = _complete_cumulants(store, descriptor)

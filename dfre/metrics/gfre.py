@@ -403,6 +403,7 @@ def gfre_matrix(
     pairs: Sequence[tuple[int, int]] | None = None,
     alpha_floor: str | float | None = None,
     describe: Any = None,
+    row_name: str = "environments",
 ) -> GfreResult:
     """GFRE of every source→target pair of ``features`` from one pass over the rows.
 
@@ -428,6 +429,7 @@ def gfre_matrix(
         relative cutoff every alpha is raised to.
     describe : ``describe(rows)`` → a dict per row naming the environment (structure,
         atom, element, subset), used for the diagnostics of flagged entries.
+    row_name : what a row is, in the sanity warnings (``"structures"`` for descriptors).
 
     Returns a :class:`GfreResult`; entries of pairs not computed are NaN.
     """
@@ -518,7 +520,7 @@ def gfre_matrix(
         result.pointwise,
         test_rows,
         error=result.error,
-        warnings=selection_warnings(names, dims, folds, sources),
+        warnings=selection_warnings(names, dims, folds, sources, rows=row_name),
         feature_sets={sp.name: sp.to_json() for sp in spectra},
         describe=describe,
     )

@@ -150,8 +150,9 @@ def k_matrix(dims: Sequence[int], k: int | str | None = None) -> np.ndarray:
     """Neighbours per pair: ``k`` everywhere, or a rule on the two dimensions.
 
     ``None`` or ``"min"``: :math:`\\min(d_F, d_{F'})`, the paper's choice for the model
-    comparisons; ``"max"``: :math:`\\max(d_F, d_{F'})`, its choice for the cumulant
-    orders (Fig. 8).
+    comparisons; ``"max"``: :math:`\\max(d_F, d_{F'})`, the choice its *text* states for
+    the cumulant orders (Fig. 8). Note that the paper's own analysis code uses the minimum
+    there too; ``"max"`` follows the text, ``"min"`` (the default) the code.
     """
     dims = np.asarray(dims, dtype=np.int64)
     if k is None or k == "min":
@@ -429,6 +430,7 @@ def lfre_matrix(
     tile_rows: int | None = None,
     alpha_floor: str | float | None = None,
     describe: Any = None,
+    row_name: str = "environments",
 ) -> LfreResult:
     """LFRE of every source→target pair of the feature sets ``features``.
 
@@ -442,7 +444,8 @@ def lfre_matrix(
     ``alpha_floor``: ``None`` (skmatter's grid, the paper's protocol), ``"auto"`` (no cutoff
     below the storage noise floor :math:`u \\|X_{\\mathcal N}\\|_F` of each neighbourhood,
     see :mod:`dfre.linalg.spectrum`) or a relative cutoff every alpha is raised to.
-    ``describe(rows)`` names environments for the diagnostics of flagged entries.
+    ``describe(rows)`` names environments for the diagnostics of flagged entries;
+    ``row_name`` says what a row is in the sanity warnings.
     Computes with the active Dask scheduler. The result carries bootstrap error bars
     (:mod:`dfre.metrics.uncertainty`) and diagnostics (:mod:`dfre.metrics.diagnostics`).
     """
@@ -519,7 +522,9 @@ def lfre_matrix(
         pointwise,
         test_rows,
         error=error,
-        warnings=selection_warnings(names, [a.shape[1] for a in arrays], folds, sources, k=kmat),
+        warnings=selection_warnings(
+            names, [a.shape[1] for a in arrays], folds, sources, k=kmat, rows=row_name
+        ),
         feature_sets={sp.name: sp.to_json() for sp in spectra},
         describe=describe,
     )
