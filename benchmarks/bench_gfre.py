@@ -15,6 +15,13 @@ Full size:
 
     python benchmarks/bench_gfre.py --out-of-core 10000000 --workdir /scratch/dfre-bench
 
+Ill-conditioned features (``--decay 1e-10``): every feature set is mapped (in float64)
+by a fixed orthogonal rotation times column scales from 1 down to ``decay``, so its
+singular values spread over ten more decades, like the last-layer features of real
+models. dfre's default ``solver="auto"`` then detects the spectra in the Gram pass and
+adds the exact TSQR pass; the script reports which path ran. ``--solver gram`` shows
+what the normal equations alone would give.
+
 6c (``--device cuda``): the dfre part with CuPy chunks already in GPU memory; prints the
 Gram pass's effective float64 throughput (2 n D^2 flops per pass, best of three after a
 warm-up). Use enough rows to fill the GPU, e.g.
@@ -51,6 +58,18 @@ def _selection(spec: str, labels: np.ndarray, seed: int):
     return make_selection(spec, len(labels), labels=labels, seed=seed)
 
 
+def ill_conditioned(arrays: list, decay: float, seed: int) -> list:
+    """Each set times a fixed ``Q diag(geomspace(1, decay, d))`` (float64, lazily)."""
+    out = []
+    for i, a in enumerate(arrays):
+        d = a.shape[1]
+        rng = np.random.default_rng([seed, 0xDECA1, i])
+        q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+        transform = q * np.geomspace(1.0, decay, d)
+        out.append(a.map_blocks(lambda b, t=transform: b.astype(np.float64) @ t, dtype=np.float64))
+    return out
+
+
 def run_dfre(config: dict) -> dict:
     """The dfre side, run in its own process: read the store, compute, report."""
     import dask
@@ -60,6 +79,8 @@ def run_dfre(config: dict) -> dict:
 
     names, arrays, labels = read_synthetic_zarr(config["path"])
     arrays = [a.rechunk({0: config["chunk_rows"]}) for a in arrays]
+    if config.get("decay"):
+        arrays = ill_conditioned(arrays, config["decay"], config["seed"])
     selection = _selection(config["selection"], labels, config["seed"])
     del labels
     dask.config.set(scheduler="threads", num_workers=config["threads"])
@@ -89,6 +110,8 @@ def run_dfre(config: dict) -> dict:
     out["cpu_seconds"] = time.process_time() - cpu
     out["matrix"] = result.matrix.tolist()
     out["alpha"] = result.alpha.tolist()
+    out["solver_used"] = result.config["solver_used"]
+    out["exact_path_for"] = result.config["exact_path_for"]
     out["peak_rss_gb"] = _peak_rss_gb()
     return out
 
@@ -106,12 +129,14 @@ def dfre_in_subprocess(config: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def reference_pairs(path: str, selection_spec: str, seed: int, n_pairs: int):
+def reference_pairs(path: str, selection_spec: str, seed: int, n_pairs: int, decay=None):
     """skmatter's GFRE for the first ``n_pairs`` (source, target) pairs, float64 inputs."""
     from skmatter.metrics import global_reconstruction_error
 
     names, arrays, labels = read_synthetic_zarr(path)
     selection = _selection(selection_spec, labels, seed)
+    if decay:
+        arrays = ill_conditioned(arrays, decay, seed)
     data = [np.asarray(a, dtype=np.float64) for a in arrays]
     m = len(data)
     # every source in turn, off-diagonal pairs first, so that a few pairs are representative
@@ -159,13 +184,17 @@ def bench_matrix(args, workdir: str) -> None:
         "chunk_rows": args.chunk_rows,
         "threads": args.threads,
         "device": args.device,
+        "decay": args.decay,
     }
     out = dfre_in_subprocess(config)
     names = out["names"]
+    spectra = f"singular values decaying to {args.decay:g}" if args.decay else "as generated"
     print(
-        f"\ndfre ({args.solver}, {args.device}, {args.threads} threads): whole "
-        f"{len(names)}x{len(names)} matrix with pointwise errors in {out['seconds']:.2f} s "
-        f"(CPU {out['cpu_seconds']:.1f} s), peak RSS {out['peak_rss_gb']:.2f} GB"
+        f"\ndfre ({args.solver}, {args.device}, {args.threads} threads, features {spectra}): "
+        f"whole {len(names)}x{len(names)} matrix with pointwise errors in "
+        f"{out['seconds']:.2f} s (CPU {out['cpu_seconds']:.1f} s), peak RSS "
+        f"{out['peak_rss_gb']:.2f} GB; path: {out['solver_used']}"
+        + (f" (exact pass for {', '.join(out['exact_path_for'])})" if out["exact_path_for"] else "")
     )
     if "effective_tflops" in out:
         print(
@@ -176,7 +205,9 @@ def bench_matrix(args, workdir: str) -> None:
     if args.reference_pairs <= 0:
         return
     print(f"\nskmatter 0.4.1 global_reconstruction_error, {args.reference_pairs} pair(s):")
-    values, times, cpu_times, n_all = reference_pairs(path, spec, args.seed, args.reference_pairs)
+    values, times, cpu_times, n_all = reference_pairs(
+        path, spec, args.seed, args.reference_pairs, args.decay
+    )
     per_pair = float(np.mean(times))
     total = sum(times) if len(times) == n_all else per_pair * n_all
     label = "measured" if len(times) == n_all else f"extrapolated from {len(times)} pairs"
@@ -252,7 +283,12 @@ def main(argv=None) -> int:
         default=16,
         help="skmatter pairs to run (0: none); the total is extrapolated",
     )
-    p.add_argument("--solver", choices=("gram", "tsqr"), default="gram")
+    p.add_argument("--solver", choices=("auto", "gram", "tsqr"), default="auto")
+    p.add_argument(
+        "--decay",
+        type=float,
+        help="make the features ill-conditioned: singular values spread down to this factor",
+    )
     p.add_argument("--chunk-rows", type=int, default=1 << 15)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

@@ -104,10 +104,10 @@ def gram_part(z):
         return 0.0, xp.zeros(d), xp.zeros((d, d))
     mean = z.mean(axis=0)
     c = z - mean
-    return float(n), mean, _crossproduct(c)
+    return float(n), mean, crossproduct(c)
 
 
-def _crossproduct(c):
+def crossproduct(c):
     """:math:`C^T C`; on the CPU with BLAS ``dsyrk`` (half the flops of a GEMM)."""
     if array_module(c) is not np:
         return c.T @ c

@@ -38,6 +38,7 @@ import numpy as np
 from dfre.data.selection import skmatter_default_split
 from dfre.errors import DfreError
 from dfre.linalg.backend import array_module, to_numpy
+from dfre.linalg.gram import crossproduct
 from dfre.linalg.knn import (
     DEFAULT_QUERY_BLOCK,
     DEFAULT_TILE_ROWS,
@@ -228,7 +229,7 @@ def _gram_spectrum(centred, norms, dtype, name: str) -> SetSpectrum:
     xp = array_module(centred)
     n, d = centred.shape
     with np.errstate(over="ignore", invalid="ignore"):
-        gram = to_numpy(centred.T @ centred)
+        gram = to_numpy(crossproduct(centred))
     # non-finite features are refused with their own message once this task returns
     lam = np.linalg.eigvalsh(gram)[::-1] if np.isfinite(gram).all() else np.zeros(d)
     s = np.sqrt(np.clip(lam, 0.0, None))[: min(n, d)]
