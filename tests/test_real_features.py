@@ -136,3 +136,15 @@ def test_default_lfre_equals_skmatter_pointwise(real_features, seed):
         np.testing.assert_allclose(result.pointwise[a, b], want, rtol=RTOL, atol=ATOL)
     assert np.isfinite(result.error).all() and (result.error >= 0).all()
     assert set(result.config["diagnostics"]["feature_sets"]) == set(names)
+
+
+def test_distortion_equals_skmatter(real_features):
+    from skmatter.metrics import global_reconstruction_distortion as sk_gfrd
+
+    from dfre.metrics import global_reconstruction_distortion
+
+    x, y = (np.asarray(real_features[k], dtype=np.float64) for k in REAL_FEATURES[::3])
+    train, test = random_split(len(x), 150, 6)
+    want = sk_gfrd(x, y, train_idx=train, test_idx=test)  # 64 -> 128 features
+    got = global_reconstruction_distortion(x, y, train_idx=train, test_idx=test)
+    assert got == pytest.approx(want, rel=RTOL, abs=ATOL)
