@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import KFold
 
-from dfre.linalg.backend import array_module
+from dfre.linalg.backend import array_module, solve_positive_definite, thin_svd
 
 try:  # numpy's batched Cholesky gufunc: a failed factor comes back as NaN, no exception
     from numpy.linalg._umath_linalg import cholesky_lo as _cholesky_gufunc
@@ -208,10 +208,13 @@ def _unreliable(lam, threshold, k):
 
 
 def _ones_reflector(k: int, xp):
-    """Householder vector w and factor c of H = I - c w w^T, H (1, ..., 1)/sqrt(k) = e_1."""
-    w = xp.full(k, 1.0 / np.sqrt(k))
+    """Householder vector w and factor c of H = I - c w w^T, H (1, ..., 1)/sqrt(k) = e_1.
+
+    Made on the host (c needs no device synchronisation) and moved to ``xp``.
+    """
+    w = np.full(k, 1.0 / np.sqrt(k))
     w[0] -= 1.0
-    return w, 2.0 / float(w @ w)
+    return xp.asarray(w), 2.0 / float(w @ w)
 
 
 def _reflect_kernel(kern):
@@ -287,7 +290,7 @@ def _refit(kr, kq_r, thresholds, all_kept_likely, d, k, top):
         shifted = kr[tried] - floor[:, None, None] * xp.eye(size)[None]
         solved = tried[_cholesky_succeeds(shifted)]
         if len(solved):
-            g = xp.linalg.solve(kr[solved], kq_r[solved][:, :, None])[:, :, 0]
+            g = solve_positive_definite(kr[solved], kq_r[solved][:, :, None])[:, :, 0]
             for coef in coefs:
                 coef[solved] = g
             need_vectors[solved] = False
@@ -345,10 +348,10 @@ def _svd_path(xc, ycs, q, n1, alphas, rcond):
     """scikit-matter's SVD solution for every target (batched; rows in fold order)."""
     xp = array_module(xc)
     x1, x2 = xc[:, :n1], xc[:, n1:]
-    u1, s1, v1t = xp.linalg.svd(x1, full_matrices=False)
-    u2, s2, v2t = xp.linalg.svd(x2, full_matrices=False)
+    u1, s1, v1t = thin_svd(x1)
+    u2, s2, v2t = thin_svd(x2)
     a12, a21 = x2 @ v1t.transpose(0, 2, 1), x1 @ v2t.transpose(0, 2, 1)
-    u, s, vt = xp.linalg.svd(xc, full_matrices=False)
+    u, s, vt = thin_svd(xc)
     q_v = _vector_times(q, vt.transpose(0, 2, 1))
     inverse = 1.0 / xp.where(s > 0, s, 1.0)
     y_all, groups = _side_by_side(ycs)
