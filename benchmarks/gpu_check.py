@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -116,6 +117,7 @@ def steps(work: Path, dry_run: bool) -> list[Step]:
 def run_step(step: Step, timeout: float, log: Path, env: dict) -> dict:
     """Run ``step`` for at most ``timeout`` seconds in its own process group."""
     started = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "a") as out:
         out.write(f"\n===== {step.name}: {' '.join(step.command)} (limit {timeout:.0f} s)\n")
         out.flush()
@@ -135,7 +137,14 @@ def run_step(step: Step, timeout: float, log: Path, env: dict) -> dict:
             code, status = None, "timeout"
         seconds = time.perf_counter() - started
         out.write(f"===== {step.name}: {status} after {seconds:.1f} s (exit code {code})\n")
-    return {"status": status, "returncode": code, "seconds": round(seconds, 2)}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {
+        "status": status,
+        "returncode": code,
+        "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu, 2),  # of the processes the step waited for
+    }
 
 
 def _stop(proc: subprocess.Popen) -> None:
