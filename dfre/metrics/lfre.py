@@ -48,7 +48,9 @@ from dfre.linalg.local_ridge import DEFAULT_ALPHAS, RANDOM_STATE, fold_positions
 from dfre.linalg.scaling import ZERO_VARIANCE, scale_rows
 from dfre.lock import writes_store
 
-#: Bytes of float64 work arrays one local-ridge batch may use (numpy; CuPy gets 8x).
+#: Bytes of float64 work arrays one local-ridge batch may use (numpy; CuPy gets 64x: at
+#: k = 128 and 512 -> 128 that is about 1,400 neighbourhoods per batched call, so the
+#: launch and synchronisation costs of a batch are shared by enough work on a GPU).
 RIDGE_BATCH_BYTES = 1 << 27
 #: Train rows per kNN partition (task): each partition starts its candidate lists afresh,
 #: so fewer, larger partitions do less merging; a million rows still give 8 per source.
@@ -212,7 +214,7 @@ def _fit_and_scale(block):
 # ---------------------------------------------------------------------- one block of queries
 def _ridge_batch(k: int, dims: Sequence[int], xp) -> int:
     per_item = 8 * 8 * (k * k + k * sum(dims))
-    budget = RIDGE_BATCH_BYTES * (8 if xp is not np else 1)
+    budget = RIDGE_BATCH_BYTES * (64 if xp is not np else 1)
     return max(1, budget // per_item)
 
 
