@@ -99,7 +99,10 @@ def start_client(args):
         cluster = LocalCUDACluster(threads_per_worker=1, dashboard_address=":0")
     else:
         cluster = LocalCluster(
-            n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+            n_workers=args.workers,
+            threads_per_worker=1,
+            processes=not args.in_process,
+            dashboard_address=":0",
         )
     return Client(cluster)
 
@@ -116,6 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prefetch", type=int, default=None)
     p.add_argument("--chunk-atoms", type=int, default=None, help="rows per feature chunk")
     p.add_argument("--warm-atoms", type=int, default=200, help="atoms of the warm-up run")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="CPU: thread workers in this process (no worker processes; for quick checks)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE (JSON)")
     args = p.parse_args(argv)
     cores = os.cpu_count() or 1

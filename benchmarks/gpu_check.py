@@ -68,7 +68,7 @@ def steps(work: Path, dry_run: bool) -> list[Step]:
         gfre += ["--chunk-rows", "16384", "--pass-rate"]
         lfre = ["--n-envs", "1500", "--dims", "51", "12", "--k", "12", "--threads", "2"]
         featurize = ["--sevennet-atoms", "40", "--batch-atoms", "64", "--workers", "1"]
-        featurize += ["--warm-atoms", "10"]
+        featurize += ["--warm-atoms", "10", "--in-process"]
     bench = ROOT / "benchmarks"
     return [
         Step(

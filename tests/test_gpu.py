@@ -21,6 +21,7 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
+from distributed import Client, LocalCluster
 
 from dfre import cluster
 from dfre.data.selection import make_selection
@@ -150,13 +151,18 @@ def test_cumulants_on_device_equal_cpu():
 
 @pytest.fixture(scope="module")
 def workers():
-    """A LocalCUDACluster (one worker per GPU), or in the dry run a LocalCluster."""
-    with cluster.connected(
-        gpu=MODE == "cuda",
-        n_workers=None if MODE == "cuda" else 1,
-        dashboard_address=":0",
-        quiet=True,
-    ) as client:
+    """A LocalCUDACluster (one worker per GPU), or in the dry run a LocalCluster of one
+    thread worker in this process (the models are loaded once, for speed)."""
+    if MODE == "cuda":
+        with cluster.connected(gpu=True, dashboard_address=":0", quiet=True) as client:
+            yield client
+        return
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as local,
+        Client(local) as client,
+    ):
         yield client
 
 
