@@ -242,7 +242,9 @@ def cumulant_descriptor(
     order = check_order(order)
     offsets = check_offsets(offsets, features.shape[0])
     _notice_single_atoms(offsets, order)
-    x = features if isinstance(features, da.Array) else da.from_array(features, chunks=-1)
+    x = features
+    if not isinstance(x, da.Array):  # name=False: no hash of the data (two host copies on CuPy)
+        x = da.from_array(x, chunks=-1, asarray=False, name=False)
     if chunk_rows is None:
         native = isinstance(features, da.Array) and x.shape[0] > 0
         chunk_rows = x.chunks[0][0] if native else DEFAULT_CHUNK_ROWS
@@ -425,7 +427,9 @@ def structure_fre(
                 f"feature set {name} has {values.shape[0]} rows, the store has "
                 f"{n_structures} structures"
             )
-        valid &= np.asarray(da.isfinite(da.asarray(values)).all(axis=1).compute())
+        finite = da.isfinite(da.asarray(values)).all(axis=1)
+        # numpy inside the tasks: device (CuPy) rows come back as a host mask
+        valid &= finite.map_blocks(to_numpy, meta=np.empty((0,), dtype=bool)).compute()
     if isinstance(selection, str):
         codes = np.unique(np.asarray(store.subsets()).astype(str), return_inverse=True)[1]
         selection = make_selection(selection, n_structures, labels=codes, seed=seed, valid=valid)

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import KFold
 
-from dfre.linalg.backend import array_module
+from dfre.linalg.backend import array_module, solve_positive_definite, thin_svd
 
 try:  # numpy's batched Cholesky gufunc: a failed factor comes back as NaN, no exception
     from numpy.linalg._umath_linalg import cholesky_lo as _cholesky_gufunc
@@ -189,7 +189,7 @@ def _best_alpha(a12, b1, s1, d1, a21, b2, s2, d2, y1, y2, alphas, rcond, groups,
     score21 = _direction_scores(a21, b2, s2, d2, y1, thresholds, rcond, groups)
     best = xp.argmax((score12 + score21) / 2, axis=2)
     chosen = xp.stack([xp.take_along_axis(thresholds, bt[:, None], axis=1)[:, 0] for bt in best])
-    return best, chosen, thresholds
+    return best, chosen, thresholds, scale
 
 
 def _side_by_side(ycs):
@@ -211,10 +211,13 @@ def _unreliable(lam, threshold, k):
 
 
 def _ones_reflector(k: int, xp):
-    """Householder vector w and factor c of H = I - c w w^T, H (1, ..., 1)/sqrt(k) = e_1."""
-    w = xp.full(k, 1.0 / np.sqrt(k))
+    """Householder vector w and factor c of H = I - c w w^T, H (1, ..., 1)/sqrt(k) = e_1.
+
+    Made on the host (c needs no device synchronisation) and moved to ``xp``.
+    """
+    w = np.full(k, 1.0 / np.sqrt(k))
     w[0] -= 1.0
-    return w, 2.0 / float(w @ w)
+    return xp.asarray(w), 2.0 / float(w @ w)
 
 
 def _reflect_kernel(kern):
@@ -290,7 +293,7 @@ def _refit(kr, kq_r, thresholds, all_kept_likely, d, k, top):
         shifted = kr[tried] - floor[:, None, None] * xp.eye(size)[None]
         solved = tried[_cholesky_succeeds(shifted)]
         if len(solved):
-            g = xp.linalg.solve(kr[solved], kq_r[solved][:, :, None])[:, :, 0]
+            g = solve_positive_definite(kr[solved], kq_r[solved][:, :, None])[:, :, 0]
             for coef in coefs:
                 coef[solved] = g
             need_vectors[solved] = False
@@ -324,7 +327,7 @@ def _kernel_path(xc, ycs, q, n1, alphas, rcond, floor):
     y_all, groups = _side_by_side(ycs)
     y1, y2 = y_all[:, f1], y_all[:, f2]
     b1, b2 = u1.transpose(0, 2, 1) @ y1, u2.transpose(0, 2, 1) @ y2
-    bests, chosen, thresholds = _best_alpha(
+    bests, chosen, thresholds, scale = _best_alpha(
         a12, b1, s1, lam1, a21, b2, s2, lam2, y1, y2, alphas, rcond, groups, floor
     )
     smallest = xp.maximum(thresholds.min(axis=1), rcond)
@@ -341,37 +344,36 @@ def _kernel_path(xc, ycs, q, n1, alphas, rcond, floor):
     coefs, redo = _refit(_reflect_kernel(kern), kq_r, chosen, all_kept_likely, d, k, top)
     predictions = [_vector_times(_unreflect(g), yc) for g, yc in zip(coefs, ycs, strict=True)]
     redo |= _unreliable(lam1, smallest, k) | _unreliable(lam2, smallest, k)
-    return predictions, list(bests), redo, chosen
+    return predictions, list(bests), redo, _relative(chosen, scale)
 
 
 def _svd_path(xc, ycs, q, n1, alphas, rcond, floor):
     """scikit-matter's SVD solution for every target (batched; rows in fold order)."""
     xp = array_module(xc)
     x1, x2 = xc[:, :n1], xc[:, n1:]
-    u1, s1, v1t = xp.linalg.svd(x1, full_matrices=False)
-    u2, s2, v2t = xp.linalg.svd(x2, full_matrices=False)
+    u1, s1, v1t = thin_svd(x1)
+    u2, s2, v2t = thin_svd(x2)
     a12, a21 = x2 @ v1t.transpose(0, 2, 1), x1 @ v2t.transpose(0, 2, 1)
-    u, s, vt = xp.linalg.svd(xc, full_matrices=False)
+    u, s, vt = thin_svd(xc)
     q_v = _vector_times(q, vt.transpose(0, 2, 1))
     inverse = 1.0 / xp.where(s > 0, s, 1.0)
     y_all, groups = _side_by_side(ycs)
     y1, y2 = y_all[:, :n1], y_all[:, n1:]
     b1, b2 = u1.transpose(0, 2, 1) @ y1, u2.transpose(0, 2, 1) @ y2
-    bests, chosen, _ = _best_alpha(
+    bests, chosen, _, scale = _best_alpha(
         a12, b1, s1, s1, a21, b2, s2, s2, y1, y2, alphas, rcond, groups, floor
     )
     predictions = []
     for yc, threshold in zip(ycs, chosen, strict=True):
         coef = q_v * xp.where(s > threshold[:, None], inverse, 0.0)
         predictions.append(_vector_times(_vector_times(coef, u.transpose(0, 2, 1)), yc))
-    return predictions, list(bests), chosen
+    return predictions, list(bests), _relative(chosen, scale)
 
 
-def _fold_scale(xc, n1):
-    """max(s_1,max, s_2,max): the scale of the relative alphas (2-norms of the fold blocks)."""
-    xp = array_module(xc)
-    norms = [xp.linalg.norm(block, ord=2, axis=(1, 2)) for block in (xc[:, :n1], xc[:, n1:])]
-    return xp.maximum(*norms)
+def _relative(chosen, scale):
+    """Chosen thresholds (T, b) relative to the scale of the alphas, max(s_1, s_2) (b,)."""
+    xp = array_module(chosen)
+    return chosen / xp.where(scale > 0, scale, 1.0)[None, :]
 
 
 def local_ridge(
@@ -445,10 +447,7 @@ def local_ridge(
     if floor is None:
         chosen_alphas = [alphas_xp[best] for best in bests]
     else:  # the effective relative cutoff: threshold / max singular value of the folds
-        chosen_alphas = [
-            xp.maximum(alphas_xp[best], c / _fold_scale(xc, n1))
-            for best, c in zip(bests, chosen, strict=True)
-        ]
+        chosen_alphas = list(chosen)
     results = [
         LocalRidgeResult(ym + c, alpha, n_exact)
         for ym, c, alpha in zip(yms, centred, chosen_alphas, strict=True)

@@ -117,7 +117,8 @@ def as_dask(x: Any, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> da.Array:
         raise DfreError(f"features must be 2-D (rows, features), got shape {x.shape}")
     if isinstance(x, da.Array):
         return x
-    return da.from_array(x, chunks=(chunk_rows, -1), asarray=False)
+    # name=False: no hash of the data for a graph key (for CuPy that is two host copies)
+    return da.from_array(x, chunks=(chunk_rows, -1), asarray=False, name=False)
 
 
 def feature_arrays(

@@ -37,7 +37,7 @@ import numpy as np
 
 from dfre.data.selection import skmatter_default_split
 from dfre.errors import DfreError
-from dfre.linalg.backend import array_module, to_numpy
+from dfre.linalg.backend import array_module, device_meta, to_device, to_numpy
 from dfre.linalg.gram import crossproduct
 from dfre.linalg.knn import (
     DEFAULT_QUERY_BLOCK,
@@ -52,7 +52,9 @@ from dfre.lock import writes_store
 from dfre.metrics.diagnostics import Diagnostics, describe_rows, diagnose, selection_warnings
 from dfre.metrics.uncertainty import bootstrap_standard_error, uncertainty_arrays
 
-#: Bytes of float64 work arrays one local-ridge batch may use (numpy; CuPy gets 8x).
+#: Bytes of float64 work arrays one local-ridge batch may use (numpy; CuPy gets 64x: at
+#: k = 128 and 512 -> 128 that is about 1,400 neighbourhoods per batched call, so the
+#: launch and synchronisation costs of a batch are shared by enough work on a GPU).
 RIDGE_BATCH_BYTES = 1 << 27
 #: Train rows per kNN partition (task): each partition starts its candidate lists afresh,
 #: so fewer, larger partitions do less merging; a million rows still give 8 per source.
@@ -241,7 +243,7 @@ def _gram_spectrum(centred, norms, dtype, name: str) -> SetSpectrum:
 # ---------------------------------------------------------------------- one block of queries
 def _ridge_batch(k: int, dims: Sequence[int], xp) -> int:
     per_item = 8 * 8 * (k * k + k * sum(dims))
-    budget = RIDGE_BATCH_BYTES * (8 if xp is not np else 1)
+    budget = RIDGE_BATCH_BYTES * (64 if xp is not np else 1)
     return max(1, budget // per_item)
 
 
@@ -262,7 +264,20 @@ def _ridge_block(x_train, x_query, y_trains, y_queries, neighbours, alphas, rows
         x_query = x_query[rows]
         y_queries = [y[rows] for y in y_queries]
     with single_threaded_blas():
-        return _ridge_block_body(x_train, x_query, y_trains, y_queries, neighbours, alphas, noise)
+        errors, chosen, n_exact = _ridge_block_body(
+            x_train, x_query, y_trains, y_queries, neighbours, alphas, noise
+        )
+    # host arrays: what goes back to the client is numpy even when the block ran on CuPy
+    return to_numpy(errors), to_numpy(chosen), int(n_exact)
+
+
+def _ridge_block_of_knn(
+    x_train, x_query, y_trains, y_queries, knn_indices, k, rows, alphas, noise=None
+):
+    """:func:`_ridge_block` for the queries ``rows`` (a slice) of a query block whose kNN
+    indices ``knn_indices`` are still on the worker that computed them (first ``k``)."""
+    neighbours = knn_indices[rows, :k]
+    return _ridge_block(x_train, x_query, y_trains, y_queries, neighbours, alphas, rows, noise)
 
 
 def _ridge_block_body(x_train, x_query, y_trains, y_queries, neighbours, alphas, noise):
@@ -299,12 +314,35 @@ def _ridge_block_body(x_train, x_query, y_trains, y_queries, neighbours, alphas,
     return errors, chosen, n_exact
 
 
+def _all_finite(arr: da.Array):
+    """Delayed bool: whether every entry of ``arr`` is finite (decided in a task, so the
+    client receives a Python bool, not a device array)."""
+    return dask.delayed(bool, pure=True)(da.isfinite(arr).all())
+
+
 def _single_block(arr: da.Array):
     """A delayed holding the whole of ``arr`` as one array (moved once per worker)."""
     return arr.rechunk({0: -1, 1: -1}).to_delayed().ravel()[0]
 
 
 # ---------------------------------------------------------------------- one fold
+def _knn_indices(neighbours):
+    """The indices of a kNN result ``(dist, idx)``."""
+    return neighbours[1]
+
+
+def _persist_and_wait(collections):
+    """``dask.persist`` of ``collections`` (nested lists of delayed), finished on return:
+    on a distributed cluster the results stay on the workers as futures."""
+    from distributed import futures_of, wait
+
+    (persisted,) = dask.persist(collections)
+    futures = futures_of(persisted)
+    if futures:  # else Dask's local scheduler has already computed everything
+        wait(futures)
+    return persisted
+
+
 def _scaled_rows(trains, tests, names):
     """Scaled float64 train rows (one block each), their scalers, and scaled test rows.
 
@@ -320,11 +358,11 @@ def _scaled_rows(trains, tests, names):
     )
     stats = dask.compute(*[(f[1], f[2]) for f in fitted])
     spectra = list(dask.compute(*[f[4] for f in fitted]))
-    finite = dask.compute(*[da.isfinite(t).all() for t in tests])
+    finite = dask.compute(*[_all_finite(t) for t in tests])
     scalers = []
     for name, train, (mean, variance), test_ok in zip(names, trains, stats, finite, strict=True):
         if not (np.isfinite(variance) and np.isfinite(mean).all() and bool(test_ok)):
-            if bool(test_ok) and bool(da.isfinite(train).all().compute()):
+            if bool(test_ok) and dask.compute(_all_finite(train))[0]:
                 raise DfreError(
                     f"feature set {name} has values too large for float64 sums of squares "
                     "(above about 1e150): rescale it"
@@ -379,8 +417,10 @@ def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
         )
         for i in sources
     ]
-    computed = dask.compute(*graphs)
-    neighbours = {i: [idx for _, idx in parts] for i, parts in zip(sources, computed, strict=True)}
+    # the kNN indices stay where they were computed (persisted: futures on a distributed
+    # cluster) and go straight into the ridge tasks, never through this process
+    indices = [[dask.delayed(_knn_indices, pure=True)(part) for part in parts] for parts in graphs]
+    neighbours = dict(zip(sources, _persist_and_wait(indices), strict=True))
     timings["knn_seconds"] += time.perf_counter() - started
     timings["knn_queries"] += len(test) * len(sources)
     started = time.perf_counter()
@@ -390,17 +430,19 @@ def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
         for k_value in np.unique(kmat[i][kmat[i] > 0])[::-1]:  # largest (slowest) first
             targets = [int(j) for j in np.flatnonzero(kmat[i] == k_value)]
             for b, nbr in enumerate(neighbours[i]):
-                for lo in range(0, len(nbr), opts["ridge_queries"]):
-                    hi = min(lo + opts["ridge_queries"], len(nbr))
+                n_queries = int(bounds[b + 1] - bounds[b])
+                for lo in range(0, n_queries, opts["ridge_queries"]):
+                    hi = min(lo + opts["ridge_queries"], n_queries)
                     tasks.append(
-                        dask.delayed(_ridge_block, pure=False)(
+                        dask.delayed(_ridge_block_of_knn, pure=False)(
                             train_blocks[i],
                             test_blocks[i][b],
                             [train_blocks[j] for j in targets],
                             [test_blocks[j][b] for j in targets],
-                            nbr[lo:hi, : int(k_value)],
-                            alphas,
+                            nbr,
+                            int(k_value),
                             slice(lo, hi),
+                            alphas,
                             (norms[i], scalers[i].roundoff) if opts["noise_floor"] else None,
                         )
                     )
@@ -451,10 +493,8 @@ def lfre_matrix(
     (:mod:`dfre.metrics.uncertainty`) and diagnostics (:mod:`dfre.metrics.diagnostics`).
     """
     names, arrays = _feature_arrays(features, names)
-    if device == "cuda":
-        import cupy
-
-        arrays = [a.map_blocks(cupy.asarray, dtype=a.dtype) for a in arrays]
+    if device == "cuda":  # CuPy is imported in the tasks, not here (a login node has none)
+        arrays = [a.map_blocks(to_device, dtype=a.dtype, meta=device_meta(a.dtype)) for a in arrays]
     elif device not in (None, "cpu"):
         raise DfreError(f"device {device!r} is not known: use cpu or cuda")
     gpu = device == "cuda" or array_module(arrays[0]) is not np
