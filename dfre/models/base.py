@@ -219,7 +219,17 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
-_FAMILY_MODULES = ("chgnet", "sevennet", "mace", "metatomic", "uma", "dpa", "generic")
+_FAMILY_MODULES = (
+    "chgnet",
+    "sevennet",
+    "mace",
+    "metatomic",
+    "uma",
+    "dpa",
+    "orb",
+    "mattersim",
+    "generic",
+)
 _CACHE: dict[tuple, FeatureExtractor] = {}
 _CACHE_LOCK = threading.RLock()
 
