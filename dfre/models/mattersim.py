@@ -58,7 +58,9 @@ class MatterSimExtractor(FeatureExtractor):
         self.weights_path = weights
         args = potential.model.model_args
         self.cutoff = float(args["cutoff"])
-        self.convertor = GraphConvertor("m3gnet", self.cutoff, True, float(args["threebody_cutoff"]))
+        self.convertor = GraphConvertor(
+            "m3gnet", self.cutoff, True, float(args["threebody_cutoff"])
+        )
         self.supported_elements = frozenset(range(1, int(args["max_z"]) + 1))
         self.layers = {"bb": Layer("bb", int(args["units"]), LAYERS["bb"].definition)}
 

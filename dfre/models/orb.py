@@ -57,9 +57,9 @@ class OrbExtractor(FeatureExtractor):
         self.architecture = architecture
         self.system_config = model.system_config
         self.cutoff = float(self.system_config.radius)
-        n_types = int(model.model.atom_emb.embeddings.num_embeddings)
-        self.supported_elements = frozenset(range(1, n_types))
-        self.layers = {"bb": Layer("bb", int(model.model.latent_dim), LAYERS["bb"].definition)}
+        embedding = model.model.atom_emb.embeddings  # one row per atomic number 0..118
+        self.supported_elements = frozenset(range(1, int(embedding.num_embeddings)))
+        self.layers = {"bb": Layer("bb", int(embedding.embedding_dim), LAYERS["bb"].definition)}
 
     def graph(self, atoms: Any) -> Any:
         from orb_models.forcefield.atomic_system import ase_atoms_to_atom_graphs

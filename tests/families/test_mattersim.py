@@ -108,4 +108,6 @@ def test_command_line_featurize(checkpoint, tmp_path):
     done = subprocess.run([*argv, *local], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     stored = Store.open(store).features("mattersim/bb").compute()
-    np.testing.assert_allclose(stored, mattersim_reference(checkpoint, structures), atol=TOL, rtol=0)
+    np.testing.assert_allclose(
+        stored, mattersim_reference(checkpoint, structures), atol=TOL, rtol=0
+    )
