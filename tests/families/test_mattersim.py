@@ -26,16 +26,19 @@ from dfre.store import Store, StructureBlock  # noqa: E402
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
+def random_mattersim_checkpoint(path) -> str:
+    """A random M3GNet of MatterSim's default architecture, saved by ``Potential.save``."""
     from mattersim.forcefield.m3gnet.m3gnet import M3Gnet
     from mattersim.forcefield.potential import Potential
 
     torch.manual_seed(0)
-    potential = Potential(M3Gnet(device="cpu"), device="cpu")
-    path = tmp_path_factory.mktemp("mattersim") / "mattersim-random.pth"
-    potential.save(str(path))
+    Potential(M3Gnet(device="cpu"), device="cpu").save(str(path))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return random_mattersim_checkpoint(tmp_path_factory.mktemp("mattersim") / "ms-random.pth")
 
 
 def frames() -> list:

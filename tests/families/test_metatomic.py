@@ -30,7 +30,7 @@ TYPES = [1, 6, 8, 11, 14, 17]
 N_DOS = 20
 
 
-def random_pet(targets: dict):
+def random_pet(targets: dict, types=TYPES):
     """A small random PET (metatrain's default hypers, narrower) for ``targets``."""
     from metatrain.pet import PET
     from metatrain.utils.architectures import get_default_hypers
@@ -39,11 +39,11 @@ def random_pet(targets: dict):
     hypers = copy.deepcopy(get_default_hypers("pet")["model"])
     hypers.update(d_pet=16, d_head=8, d_node=16, d_feedforward=16, num_heads=2)
     hypers.update(num_attention_layers=1, num_gnn_layers=2, cutoff=4.5)
-    info = DatasetInfo(length_unit="Angstrom", atomic_types=TYPES, targets=targets)
+    info = DatasetInfo(length_unit="Angstrom", atomic_types=list(types), targets=targets)
     return PET(hypers, info).eval()
 
 
-def energy_pet():
+def energy_pet(types=TYPES):
     from metatrain.utils.data.target_info import get_energy_target_info
     from omegaconf import OmegaConf
 
@@ -51,12 +51,18 @@ def energy_pet():
     energy = get_energy_target_info(
         "energy", OmegaConf.create({"quantity": "energy", "unit": "eV"})
     )
-    model = random_pet({"energy": energy})
+    model = random_pet({"energy": energy}, types)
     with torch.no_grad():  # zero edge biases: then E_i = w . ll_i + b exactly
         for layer in model.backend.edge_last_layers["energy"]:
             for linear in layer.values():
                 linear.bias.zero_()
     return model
+
+
+def random_pet_export(path, types=TYPES) -> str:
+    """A random PET with an energy head for atomic ``types``, exported to ``path``."""
+    energy_pet(types).export().save(str(path))
+    return str(path)
 
 
 def dos_pet():

@@ -27,17 +27,21 @@ TOL = 1e-5
 ARCHITECTURE = "orb-v3-conservative-inf-omat"
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> str:
+def random_orb_weights(path) -> str:
+    """A random Orb-v3 conservative model (the release architecture), as a state dict."""
     from orb_models.forcefield.atomic_system import SystemConfig
     from orb_models.forcefield.pretrained import orb_v3_conservative_architecture
 
     torch.manual_seed(0)
     config = SystemConfig(radius=6.0, max_num_neighbors=120)
     model = orb_v3_conservative_architecture(system_config=config)
-    path = tmp_path_factory.mktemp("orb") / "orb-v3-random.ckpt"
     torch.save(model.state_dict(), path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> str:
+    return random_orb_weights(tmp_path_factory.mktemp("orb") / "orb-v3-random.ckpt")
 
 
 def frames() -> list:
