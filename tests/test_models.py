@@ -261,6 +261,8 @@ def test_unknown_model_and_layer_are_one_line_errors():
         ("metatomic", "metatomic-torch"),
         ("uma", "fairchem-core"),
         ("dpa", "deepmd-kit"),
+        ("orb", "orb-models"),
+        ("mattersim", "mattersim"),
     ],
 )
 def test_adapters_without_their_package_name_it(name, package):

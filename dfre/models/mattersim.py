@@ -29,6 +29,8 @@ from dfre.models.base import (
     FeatureExtractor,
     Layer,
     ModelSpec,
+    Unsupported,
+    fully_periodic,
     register,
     require_file,
     to_numpy,
@@ -65,10 +67,18 @@ class MatterSimExtractor(FeatureExtractor):
         self.layers = {"bb": Layer("bb", int(args["units"]), LAYERS["bb"].definition)}
 
     def graph(self, atoms: Any) -> Any:
+        """MatterSim's own graph of ``atoms`` (a molecule in MatterSim's vacuum box); a
+        slab or wire gets vacuum axes too wide for any new neighbour (MatterSim would
+        take its cell as periodic along every axis)."""
         super().graph(atoms)
+        if len(set(np.asarray(atoms.pbc, dtype=bool).tolist())) > 1:
+            atoms = fully_periodic(atoms, self.cutoff)
         with warnings.catch_warnings():  # "No PBC detected, using a large supercell"
             warnings.simplefilter("ignore", UserWarning)
-            return self.convertor.convert(atoms.copy(), None, None, None)
+            try:
+                return self.convertor.convert(atoms.copy(), None, None, None)
+            except ValueError as error:  # e.g. "Cell vectors are too small"
+                raise Unsupported(f"MatterSim cannot build its graph: {error}") from None
 
     def collate(self, graphs: Sequence[Any]) -> Any:
         from torch_geometric.data import Batch

@@ -28,6 +28,8 @@ from dfre.models.base import (
     FeatureExtractor,
     Layer,
     ModelSpec,
+    Unsupported,
+    fully_periodic,
     register,
     require_file,
     to_numpy,
@@ -62,10 +64,17 @@ class OrbExtractor(FeatureExtractor):
         self.layers = {"bb": Layer("bb", int(embedding.embedding_dim), LAYERS["bb"].definition)}
 
     def graph(self, atoms: Any) -> Any:
+        """Orb's own graph of ``atoms``; a slab or wire (periodic along some axes only,
+        which Orb refuses) gets vacuum axes too wide for any new neighbour."""
         from orb_models.forcefield.atomic_system import ase_atoms_to_atom_graphs
 
         super().graph(atoms)
-        return ase_atoms_to_atom_graphs(atoms, system_config=self.system_config, device="cpu")
+        if len(set(np.asarray(atoms.pbc, dtype=bool).tolist())) > 1:
+            atoms = fully_periodic(atoms, self.cutoff)
+        try:
+            return ase_atoms_to_atom_graphs(atoms, system_config=self.system_config, device="cpu")
+        except (ValueError, NotImplementedError) as error:
+            raise Unsupported(f"Orb cannot build its graph: {error}".splitlines()[0]) from None
 
     def collate(self, graphs: Sequence[Any]) -> Any:
         from orb_models.forcefield.base import batch_graphs

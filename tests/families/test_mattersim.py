@@ -114,3 +114,16 @@ def test_command_line_featurize(checkpoint, tmp_path):
     np.testing.assert_allclose(
         stored, mattersim_reference(checkpoint, structures), atol=TOL, rtol=0
     )
+
+
+def test_a_slab_periodic_along_two_axes_gets_the_same_graph_as_a_padded_cell(checkpoint):
+    from ase.build import fcc111
+
+    slab = fcc111("Cu", (2, 2, 3), vacuum=8.0)
+    slab.cell[2] = 0.0  # a slab given without a third cell vector
+    slab.pbc = [True, True, False]
+    padded = fcc111("Cu", (2, 2, 3), vacuum=8.0)
+    padded.pbc = True  # 16 Å of vacuum between images: more than the 5 Å cutoff
+    features = load_extractor("mattersim", path=checkpoint).featurize([slab])
+    expected = mattersim_reference(checkpoint, [padded])
+    np.testing.assert_allclose(features["bb"], expected, atol=TOL, rtol=0)

@@ -139,3 +139,14 @@ def test_command_line_featurize(weights, tmp_path):
     assert done.returncode == 0, done.stderr
     stored = Store.open(store).features("orb/bb").compute()
     np.testing.assert_allclose(stored, orb_reference(weights, structures), atol=TOL, rtol=0)
+
+
+def test_a_slab_periodic_along_two_axes_gets_the_same_graph_as_a_padded_cell(weights):
+    from ase.build import fcc111
+
+    slab = fcc111("Cu", (2, 2, 3), vacuum=8.0)  # pbc (True, True, False), which Orb refuses
+    assert list(slab.pbc) == [True, True, False]
+    padded = slab.copy()
+    padded.pbc = True  # 16 Å of vacuum between images: more than the 6 Å cutoff
+    features = load_extractor("orb", path=weights).featurize([slab])
+    np.testing.assert_allclose(features["bb"], orb_reference(weights, [padded]), atol=TOL, rtol=0)
