@@ -29,7 +29,8 @@ from dfre.store import Store
 
 MODELS = (
     "chgnet-0.3.0, chgnet-0.2.0, chgnet-r2scan, sevennet-0, sevennet-0-22may2024, "
-    "sevennet-mf-0-pbe, sevennet-mf-0-r2scan, sevennet-l3i5, mace, metatomic, uma, dpa, generic"
+    "sevennet-mf-0-pbe, sevennet-mf-0-r2scan, sevennet-l3i5, mace, metatomic, uma, dpa, orb, "
+    "mattersim, generic"
 )
 NO_STORE = (
     "no dfre store at {D}/nostore.zarr: create one with `dfre ingest FILES --store "

@@ -261,13 +261,17 @@ def test_unknown_model_and_layer_are_one_line_errors():
         ("metatomic", "metatomic-torch"),
         ("uma", "fairchem-core"),
         ("dpa", "deepmd-kit"),
+        ("orb", "orb-models"),
+        ("mattersim", "mattersim"),
     ],
 )
 def test_adapters_without_their_package_name_it(name, package):
     spec = registry()[name]
     if spec.package_available():
         pytest.skip(f"{package} is installed here")
-    with pytest.raises(DfreError, match=f"needs the Python package '{package}'.*pip install"):
+    with pytest.raises(
+        DfreError, match=f"needs the Python package '{package}'.*(pip install|make env-)"
+    ):
         load_extractor(name, path="model.file")
 
 

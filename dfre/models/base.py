@@ -179,7 +179,13 @@ class FeatureExtractor(ABC):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registry entry: how to load model ``name`` and what it offers."""
+    """A registry entry: how to load model ``name`` and what it offers.
+
+    ``env`` names the Python environment that serves the family: ``main`` (the one
+    ``make`` builds in ``.venv``) or a family environment ``.envs/<env>`` built by
+    ``make env-<env>`` from ``deploy/envs/<env>.txt``, whose Dask workers are started
+    with ``--resources <env>=1``.
+    """
 
     name: str
     family: str
@@ -190,6 +196,7 @@ class ModelSpec:
     install_hint: str
     weights: Callable[[], str | None] = field(default=lambda: None)
     needs_file: bool = False
+    env: str = "main"
 
     def package_available(self) -> bool:
         try:
@@ -212,7 +219,17 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
-_FAMILY_MODULES = ("chgnet", "sevennet", "mace", "metatomic", "uma", "dpa", "generic")
+_FAMILY_MODULES = (
+    "chgnet",
+    "sevennet",
+    "mace",
+    "metatomic",
+    "uma",
+    "dpa",
+    "orb",
+    "mattersim",
+    "generic",
+)
 _CACHE: dict[tuple, FeatureExtractor] = {}
 _CACHE_LOCK = threading.RLock()
 
@@ -414,3 +431,13 @@ def _complement_direction(basis: list[np.ndarray], hint: np.ndarray) -> np.ndarr
         if np.linalg.norm(w) > 1e-6:
             return w / np.linalg.norm(w)
     raise ValueError("no direction orthogonal to the periodic cell vectors")
+
+
+def to_numpy(tensor: Any) -> np.ndarray:
+    """float32 numpy rows of a torch tensor, always detached from autograd first.
+
+    Models that differentiate their energy for forces run their layers under their own
+    ``torch.enable_grad()``, so a captured activation can require grad whatever the
+    caller's ``torch.no_grad()``; reading it without ``detach()`` would fail.
+    """
+    return tensor.detach().float().cpu().numpy()
