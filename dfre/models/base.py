@@ -179,7 +179,13 @@ class FeatureExtractor(ABC):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registry entry: how to load model ``name`` and what it offers."""
+    """A registry entry: how to load model ``name`` and what it offers.
+
+    ``env`` names the Python environment that serves the family: ``main`` (the one
+    ``make`` builds in ``.venv``) or a family environment ``.envs/<env>`` built by
+    ``make env-<env>`` from ``deploy/envs/<env>.txt``, whose Dask workers are started
+    with ``--resources <env>=1``.
+    """
 
     name: str
     family: str
@@ -190,6 +196,7 @@ class ModelSpec:
     install_hint: str
     weights: Callable[[], str | None] = field(default=lambda: None)
     needs_file: bool = False
+    env: str = "main"
 
     def package_available(self) -> bool:
         try:
