@@ -267,7 +267,9 @@ def test_adapters_without_their_package_name_it(name, package):
     spec = registry()[name]
     if spec.package_available():
         pytest.skip(f"{package} is installed here")
-    with pytest.raises(DfreError, match=f"needs the Python package '{package}'.*pip install"):
+    with pytest.raises(
+        DfreError, match=f"needs the Python package '{package}'.*(pip install|make env-)"
+    ):
         load_extractor(name, path="model.file")
 
 
