@@ -7,6 +7,12 @@ MACE's own calculator: ``get_descriptors`` for ``bb`` and a forward hook on the 
 readout's ``linear_2`` while the calculator computes the energy for ``ll``.
 """
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 from ase import Atoms
@@ -23,7 +29,7 @@ from mace.calculators import MACECalculator  # noqa: E402
 from dfre.cli import main  # noqa: E402
 from dfre.errors import DfreError  # noqa: E402
 from dfre.featurize import featurize  # noqa: E402
-from dfre.models.base import load_extractor  # noqa: E402
+from dfre.models.base import load_extractor, loaded_models  # noqa: E402
 from dfre.store import Store, StructureBlock  # noqa: E402
 
 TOL = 1e-5
@@ -245,3 +251,97 @@ def test_unsupported_and_isolated_structures_are_reasons(models):
     assert extractor.unsupported_reason(bulk("Si", "diamond", 5.43)) == "unsupported element(s) Si"
     apart = Atoms("H2", positions=[[0, 0, 0], [0, 0, 9.0]])
     assert "no neighbour within the 5 Å cutoff" in extractor.unsupported_reason(apart)
+
+
+# ----------------------------------------------------------- two environments, one store
+REPO = Path(__file__).resolve().parents[2]
+MAIN_PYTHON = Path(os.environ.get("DFRE_MAIN_PYTHON", REPO / ".venv" / "bin" / "python"))
+
+
+def start(argv, log):
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+@pytest.mark.skipif(not MAIN_PYTHON.exists(), reason="needs the main environment (make test)")
+def test_main_and_mace_workers_fill_one_store(models, tmp_path):
+    """A real scheduler with one worker of the main environment and one of the MACE
+    environment (resources mace=1); `dfre featurize` of the main environment runs
+    CHGNet (on the main worker: the only one with chgnet) and MACE (on the MACE worker,
+    with --resources mace=1, and again chosen by its package alone) into one store."""
+    from distributed import Client
+
+    structures = frames()
+    store = make_store(tmp_path / "s.zarr", structures)
+    scheduler_file = str(tmp_path / "scheduler.json")
+    log = open(tmp_path / "cluster.log", "w")
+    worker = ["-m", "distributed.cli.dask_worker", "--scheduler-file", scheduler_file]
+    worker += ["--nthreads", "1", "--no-dashboard"]
+    processes = [
+        start(
+            [
+                str(MAIN_PYTHON),
+                "-m",
+                "distributed.cli.dask_scheduler",
+                "--scheduler-file",
+                scheduler_file,
+                "--port",
+                "0",
+                "--dashboard-address",
+                ":0",
+            ],
+            log,
+        ),
+    ]
+    try:
+        for _ in range(600):
+            if os.path.exists(scheduler_file):
+                break
+            time.sleep(0.1)
+        processes.append(start([str(MAIN_PYTHON), *worker, "--name", "main"], log))
+        processes.append(
+            start([sys.executable, *worker, "--name", "mace", "--resources", "mace=1"], log)
+        )
+        with Client(scheduler_file=scheduler_file, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+            dfre = [str(MAIN_PYTHON), "-m", "dfre", "featurize", "--store", store.path]
+            dfre += ["--scheduler-file", scheduler_file]
+            mace_args = ["--model", "mace", "--weights", models["single"], "--trust-checkpoint"]
+            for argv in (
+                [*dfre, "--model", "chgnet-0.3.0"],
+                [*dfre, *mace_args, "--resources", "mace=1"],
+                [*dfre, *mace_args, "--name", "mace-by-package"],
+            ):
+                run = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+                assert run.returncode == 0, run.stderr
+            loaded = client.run(loaded_models)
+            names = {client.scheduler_info()["workers"][a]["name"]: v for a, v in loaded.items()}
+        assert names == {"main": ["chgnet-0.3.0"], "mace": ["mace"]}
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+            process.wait(timeout=60)
+        log.close()
+
+    opened = Store.open(store.path)
+    assert set(opened.group["features"].group_keys()) == {"chgnet-0.3.0", "mace", "mace-by-package"}
+    mace_direct = load_extractor("mace", path=models["single"], trust_checkpoint=True)
+    for name in ("mace", "mace-by-package"):
+        for layer in ("bb", "ll"):
+            np.testing.assert_allclose(
+                opened.features(f"{name}/{layer}").compute(),
+                np.concatenate([mace_direct.featurize([a])[layer] for a in structures]),
+                atol=TOL,
+            )
+    # CHGNet called directly in the main environment, structure by structure
+    direct = tmp_path / "chgnet-ll.npy"
+    script = (
+        "import numpy as np; from dfre.models import load_extractor; "
+        "from dfre.store import Store; from dfre.featurize import read_frames; "
+        f"s = Store.open({store.path!r}); e = load_extractor('chgnet-0.3.0'); "
+        "rows = [e.featurize([a])['ll'] for a in read_frames(s, 0, s.n_structures)]; "
+        f"np.save({str(direct)!r}, np.concatenate(rows))"
+    )
+    subprocess.run([str(MAIN_PYTHON), "-c", script], check=True, timeout=600)
+    np.testing.assert_allclose(
+        opened.features("chgnet-0.3.0/ll").compute(), np.load(direct), atol=TOL
+    )
