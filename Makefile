@@ -19,23 +19,23 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 # Model families whose packages cannot share the main environment each get an isolated
-# virtual environment .envs/<family>/: torch==2.13.0 (the CPU build on this disk, unless
-# deploy/envs/<family>.txt names torch itself), dfre editable with pytest, then the
-# family's requirements, then deploy/envs/<family>.sh ENV_PYTHON if it exists.
+# virtual environment .envs/<family>/ from deploy/envs/<family>.txt (and <family>.sh):
+# torch==2.13.0 (the CPU build on this disk), dfre editable with pytest, the family's
+# requirements; deploy/build-env.sh does it, with uv (installed into .venv) for speed.
 ENVS := .envs
 FAMILIES := $(sort $(basename $(notdir $(wildcard deploy/envs/*.txt))))
-TORCH := torch==2.13.0
+UV := $(BIN)/uv
+
+$(UV): $(STAMP)
+	$(BIN)/python -m pip install --quiet uv
 
 .SECONDEXPANSION:
 .PRECIOUS: $(ENVS)/%/.dfre-env
 env-%: $(ENVS)/%/.dfre-env ;
 
-$(ENVS)/%/.dfre-env: deploy/envs/%.txt pyproject.toml $$(wildcard deploy/envs/$$*.sh)
-	rm -rf $(ENVS)/$*
-	$(PYTHON) -m venv $(ENVS)/$*
-	$(ENVS)/$*/bin/python -m pip install --quiet \
-	    $$(grep -qiE '^torch([ =<>!~;[]|$$)' $< || echo $(TORCH)) -e . pytest -r $<
-	if [ -f deploy/envs/$*.sh ]; then bash deploy/envs/$*.sh $(ENVS)/$*/bin/python; fi
+$(ENVS)/%/.dfre-env: deploy/envs/%.txt $$(wildcard deploy/envs/$$*.sh) deploy/build-env.sh \
+        pyproject.toml | $(UV)
+	bash deploy/build-env.sh $* $(PYTHON) $(UV)
 	touch $@
 
 envs: $(addprefix env-,$(FAMILIES))
