@@ -8,8 +8,6 @@ independent capture: forward hooks on the descriptor and on the last layer of th
 fitting net of the head's PyTorch module, run through its own forward pass.
 """
 
-import copy
-
 import numpy as np
 import pytest
 from ase import Atoms
@@ -18,10 +16,7 @@ from ase.build import bulk, molecule
 pytest.importorskip("deepmd", reason="run in the DPA environment: make test-families")
 
 import torch  # noqa: E402
-from deepmd.pt.entrypoints.main import freeze  # noqa: E402
-from deepmd.pt.model.model import get_model  # noqa: E402
-from deepmd.pt.train.wrapper import ModelWrapper  # noqa: E402
-from deepmd.pt.utils.multi_task import preprocess_shared_params  # noqa: E402
+from random_models import build_dpa3  # noqa: E402
 
 from dfre.cli import main  # noqa: E402
 from dfre.errors import DfreError  # noqa: E402
@@ -34,57 +29,11 @@ HEADS = ["OMat24", "MPtrj", "OC20", "ODAC", "SPICE"]
 TYPE_MAP = ["H", "C", "O", "Si"]
 
 
-def model_config() -> dict:
-    """A multi-task DPA-3 in deepmd-kit's input format: one descriptor and type map
-    shared by all heads, one energy fitting net per head."""
-    repflow = {
-        "n_dim": 16,
-        "e_dim": 8,
-        "a_dim": 8,
-        "nlayers": 2,
-        "e_rcut": 4.5,
-        "e_rcut_smth": 4.0,
-        "e_sel": 40,
-        "a_rcut": 3.5,
-        "a_rcut_smth": 3.0,
-        "a_sel": 12,
-        "axis_neuron": 4,
-    }
-    return {
-        "shared_dict": {
-            "type_map_all": TYPE_MAP,
-            "dpa3_descriptor": {"type": "dpa3", "repflow": repflow, "seed": 1},
-        },
-        "model_dict": {
-            head: {
-                "type_map": "type_map_all",
-                "descriptor": "dpa3_descriptor",
-                "fitting_net": {"neuron": [16, 16], "seed": 10 + i},
-            }
-            for i, head in enumerate(HEADS)
-        },
-    }
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """The heads' PyTorch modules, the multi-task checkpoint and two frozen heads."""
     folder = tmp_path_factory.mktemp("dpa")
-    torch.manual_seed(0)
-    params, links = preprocess_shared_params(copy.deepcopy(model_config()))
-    modules = {head: get_model(copy.deepcopy(params["model_dict"][head])) for head in HEADS}
-    wrapper = ModelWrapper(modules, model_params=params)
-    wrapper.share_params(links, model_key_prob_map={h: 1 / len(HEADS) for h in HEADS}, resume=True)
-    for module in modules.values():  # non-zero per-type energy biases, as after training
-        bias = module.atomic_model.out_bias
-        bias.copy_(torch.randn(bias.shape, dtype=bias.dtype))
-    checkpoint = str(folder / "dpa3-multi.pt")
-    torch.save({"model": wrapper.state_dict()}, checkpoint)
-    frozen = {}
-    for head in ("MPtrj", "SPICE"):
-        frozen[head] = str(folder / f"dpa3-{head}.pth")
-        freeze(model=checkpoint, output=frozen[head], head=head)
-    return {"modules": modules, "pt": checkpoint, "pth": frozen}
+    return build_dpa3(folder, HEADS, TYPE_MAP, freeze_heads=("MPtrj", "SPICE"))
 
 
 def frames():

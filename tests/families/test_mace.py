@@ -22,9 +22,8 @@ pytest.importorskip("mace", reason="run in the MACE environment: make test-famil
 
 import mace  # noqa: E402,F401  (before e3nn, see dfre.models.mace)
 import torch  # noqa: E402
-from e3nn import o3  # noqa: E402
-from mace import modules  # noqa: E402
 from mace.calculators import MACECalculator  # noqa: E402
+from random_models import build_mace  # noqa: E402
 
 from dfre.cli import main  # noqa: E402
 from dfre.errors import DfreError  # noqa: E402
@@ -34,38 +33,6 @@ from dfre.store import Store, StructureBlock  # noqa: E402
 
 TOL = 1e-5
 HEADS = ["omat_pbe", "matpes_r2scan", "spice_wB97M"]
-
-
-def build_mace(path, atomic_numbers, *, heads=None, seed=0, last_readout_only=False, r_max=4.5):
-    """A random ScaleShiftMACE of the foundation models' architecture, saved as MACE does
-    (``torch.save`` of the module); returns the path."""
-    torch.manual_seed(seed)
-    n_heads = len(heads or ["Default"])
-    rng = np.random.default_rng(seed)
-    block = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
-    model = modules.ScaleShiftMACE(
-        r_max=r_max,
-        num_bessel=6,
-        num_polynomial_cutoff=5,
-        max_ell=2,
-        interaction_cls=block,
-        interaction_cls_first=block,
-        num_interactions=2,
-        num_elements=len(atomic_numbers),
-        hidden_irreps=o3.Irreps("8x0e+8x1o"),
-        MLP_irreps=o3.Irreps("16x0e"),
-        gate=torch.nn.functional.silu,
-        atomic_energies=rng.normal(size=(n_heads, len(atomic_numbers))),
-        avg_num_neighbors=6.0,
-        atomic_numbers=list(atomic_numbers),
-        correlation=3,
-        heads=heads,
-        use_last_readout_only=last_readout_only,
-        atomic_inter_scale=list(rng.uniform(0.5, 2.0, size=n_heads)),
-        atomic_inter_shift=list(rng.normal(size=n_heads)),
-    )
-    torch.save(model, path)
-    return str(path)
 
 
 def frames():
