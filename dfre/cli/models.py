@@ -28,7 +28,7 @@ def model_table() -> list[dict]:
             "family": spec.family,
             "env": spec.env,
             "layers": {layer.name: layer.dim for layer in spec.layers.values()},
-            "weights": spec.weights_status(),
+            "weights": _weights(spec),
             "description": spec.description,
         }
         for spec in registry().values()
@@ -50,6 +50,14 @@ def run(args) -> int:
     for row in (header, *rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+def _weights(spec) -> str:
+    """The weights status; for a family of another environment whose package is not
+    here, where it is served."""
+    if spec.env != "main" and not spec.package_available():
+        return f"in .envs/{spec.env} (make env-{spec.env})"
+    return spec.weights_status()
 
 
 def _layers_text(row: dict) -> str:
