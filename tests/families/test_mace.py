@@ -85,7 +85,15 @@ def models(tmp_path_factory):
 def test_single_head_bb_and_ll_equal_mace_own_capture(models):
     extractor = load_extractor("mace", path=models["single"], trust_checkpoint=True)
     assert extractor.layers["bb"].dim == 16 and extractor.layers["ll"].dim == 16
-    got = extractor.featurize(frames())
+    grad_enabled = []
+    hook = extractor.model.readouts[-1].register_forward_hook(
+        lambda m, i, out: grad_enabled.append(torch.is_grad_enabled() or out.requires_grad)
+    )
+    try:
+        got = extractor.featurize(frames())
+    finally:
+        hook.remove()
+    assert grad_enabled == [False]  # one batched pass, no autograd graph kept
     ref = [reference(models["single"], atoms) for atoms in frames()]
     np.testing.assert_allclose(got["bb"], np.concatenate([r["bb"] for r in ref]), atol=TOL, rtol=0)
     np.testing.assert_allclose(got["ll"], np.concatenate([r["ll"] for r in ref]), atol=TOL, rtol=0)
