@@ -644,11 +644,16 @@ def _placement(client, model: str, resources: dict | None) -> dict:
     installed = client.run(_has_package, spec.package)
     able = sorted(address for address, ok in installed.items() if ok)
     if installed and not able:
-        where = "the main environment" if spec.env == "main" else f".envs/{spec.env}"
+        if spec.env == "main":
+            how = "the main environment: `.venv/bin/dask worker SCHEDULER`"
+        else:
+            how = (
+                f"its environment (make env-{spec.env}): "
+                f"`.envs/{spec.env}/bin/dask worker SCHEDULER --resources {spec.env}=1`"
+            )
         raise DfreError(
             f"no Dask worker has {spec.package}, which model {model} needs: start workers "
-            f"from {where} (`{'.venv' if spec.env == 'main' else where}/bin/dask worker "
-            f"SCHEDULER --resources {spec.env}=1`), see `dfre models`"
+            f"from {how}"
         )
     return {"workers": able} if len(able) < len(installed) else {}
 

@@ -360,7 +360,12 @@ def test_cli_no_worker_for_the_model_is_a_one_line_error(client, tmp_path, capsy
     base += ["--scheduler", client.scheduler.address]
     for argv, fragment in [
         ([*base, "--resources", "mace=1"], "no Dask worker offers the resources mace=1"),
-        (base, "no Dask worker has mace-torch, which model mace needs: start workers from "),
+        (
+            base,
+            "no Dask worker has mace-torch, which model mace needs: start workers from its "
+            "environment (make env-mace): `.envs/mace/bin/dask worker SCHEDULER --resources "
+            "mace=1`",
+        ),
     ]:
         assert main(argv) == 2
         err = capsys.readouterr().err.splitlines()
