@@ -153,7 +153,7 @@ def run(args) -> int:
     resources = dict(_resource(r) for r in args.resources or [])
     store = Store.open(args.store, mode="r+")
     check_settings(args.name or args.model, args.batch_atoms)
-    if not resources and get_spec(args.model).package_available():
+    if not resources and (get_spec(args.model).package_available() or not _external(args)):
         # one-line errors (model, weights, layers, store) before a cluster starts; a model
         # of another environment is checked on a worker of that environment instead
         check_request(store, args.model, layers, options)
@@ -189,6 +189,21 @@ def run(args) -> int:
         )
     print(report.summary())
     return 0
+
+
+def _external(args) -> bool:
+    """Whether the command runs on a cluster started elsewhere (whose workers may come
+    from other environments) rather than a local one started from this environment."""
+    import dask
+
+    from dfre.cluster import SCHEDULER_ENV
+
+    return bool(
+        args.scheduler
+        or args.scheduler_file
+        or os.environ.get(SCHEDULER_ENV)
+        or dask.config.get("scheduler-address", None)
+    )
 
 
 def _default_torch_threads(client) -> int:
