@@ -357,6 +357,8 @@ def test_cli_no_worker_for_the_model_is_a_one_line_error(client, tmp_path, capsy
     weights = tmp_path / "mp.model"
     weights.write_bytes(b"")
     base = ["featurize", "--store", store.path, "--model", "mace", "--weights", str(weights)]
+    # a local cluster would start from this environment, which has no mace-torch
+    one_line_error(capsys, base, "needs the Python package 'mace-torch'")
     base += ["--scheduler", client.scheduler.address]
     for argv, fragment in [
         ([*base, "--resources", "mace=1"], "no Dask worker offers the resources mace=1"),
