@@ -47,12 +47,14 @@ def make_store(path: Path, n_atoms: int, chunk_atoms: int):
     return write_sample(path, n_atoms, seed=0, chunk_atoms=chunk_atoms, energies=False)
 
 
-def direct_rate(model: str, frames, batch_atoms: int, device: str) -> tuple[float, float, dict]:
+def direct_rate(
+    model: str, frames, batch_atoms: int, device: str, options: dict | None = None
+) -> tuple[float, float, dict]:
     """(graphs+forward atoms/s, raw forward atoms/s or nan, features) in this process."""
     from dfre.featurize import batches_by_atoms
     from dfre.models.base import load_extractor
 
-    extractor = load_extractor(model, device)
+    extractor = load_extractor(model, device, **(options or {}))
     layers = list(extractor.layers)
     usable = [a for a in frames if extractor.unsupported_reason(a) is None]
     groups = batches_by_atoms([len(a) for a in usable], batch_atoms)
@@ -80,12 +82,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def warm_up(model: str, device: str, torch_threads: int | None) -> None:
+def warm_up(
+    model: str, device: str, torch_threads: int | None, options: dict | None = None
+) -> None:
     """Load the model in this worker process (what the first task would do)."""
     from dfre.models.base import load_extractor, set_torch_threads
 
     set_torch_threads(torch_threads)
-    load_extractor(model, device)
+    load_extractor(model, device, **(options or {}))
 
 
 def start_client(args):

@@ -35,12 +35,20 @@ import numpy as np
 
 from dfre.errors import DfreError
 from dfre.lock import writes_store
-from dfre.models.base import FeatureExtractor, Unsupported, load_extractor, set_torch_threads
+from dfre.models.base import (
+    FeatureExtractor,
+    Unsupported,
+    get_spec,
+    load_extractor,
+    set_torch_threads,
+)
 from dfre.store import Store
 
 DEFAULT_BATCH_ATOMS = 2048
 #: Most structure/reason pairs kept in the attributes of the model group.
 MAX_RECORDED_MASKED = 10_000
+#: Seconds between checks, while no task finishes, that the workers a run needs are there.
+SERVED_CHECK_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -443,21 +451,13 @@ def featurize(
     if not store.writable:
         store = Store.open(store.path, mode="r+")
     options = dict(options or {})
-    if resources:
-        _require_resources(_client_or_error(), resources)
-        info = (
-            _client_or_error()
-            .submit(
-                describe_request,
-                store.path,
-                model,
-                layers,
-                options,
-                resources=resources,
-                pure=False,
-            )
-            .result()
-        )
+    client = _client_or_error() if resources else _current_client()
+    placement = _placement(client, model, resources)
+    if client is not None and (placement or not get_spec(model).package_available()):
+        # the model lives on other workers (another environment): check it there
+        info = client.submit(
+            describe_request, store.path, model, layers, options, pure=False, **placement
+        ).result()
     else:
         info = describe_request(store.path, model, layers, options)
     layers = info["layers"]
@@ -514,7 +514,7 @@ def featurize(
         )
         for unit, unit_layers in todo
     ]
-    results = _compute_as_completed(tasks, progress, resources)
+    results = _compute_as_completed(tasks, progress, placement, model)
     seconds = time.perf_counter() - start
     masked: dict[int, str] = {}
     for result in results:
@@ -595,24 +595,73 @@ def _discover_dims(store: Store, extractor: FeatureExtractor, layers: Sequence[s
     )
 
 
-def _client_or_error():
+def _current_client():
+    """The active ``distributed.Client``, or None (dask's default scheduler)."""
     try:
         from distributed import get_client
 
         return get_client()
     except (ImportError, ValueError):
+        return None
+
+
+def _client_or_error():
+    client = _current_client()
+    if client is None:
         raise DfreError(
             "worker resources need a distributed cluster: connect a Client first "
             "(dfre featurize --scheduler ADDRESS)"
-        ) from None
+        )
+    return client
+
+
+def _has_package(package: str) -> bool:
+    """Whether ``package`` is installed where this runs (on a worker, by ``client.run``)."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _placement(client, model: str, resources: dict | None) -> dict:
+    """Where the tasks of ``model`` may run, as keyword arguments of ``client.compute``.
+
+    With ``resources``: the workers that offer them (a DfreError when none does).
+    Without: the workers whose environment has the model's package, so that on a
+    cluster mixing environments (main workers, MACE workers, ...) each model runs
+    where it is installed; no restriction when every worker has it (or there are no
+    workers yet), a DfreError naming the environment to start workers from when none has.
+    """
+    if resources:
+        _require_resources(client, resources)
+        return {"resources": resources}
+    if client is None:
+        return {}
+    spec = get_spec(model)
+    installed = client.run(_has_package, spec.package)
+    able = sorted(address for address, ok in installed.items() if ok)
+    if installed and not able:
+        if spec.env == "main":
+            how = "the main environment: `.venv/bin/dask worker SCHEDULER`"
+        else:
+            how = (
+                f"its environment (make env-{spec.env}): "
+                f"`.envs/{spec.env}/bin/dask worker SCHEDULER --resources {spec.env}=1`"
+            )
+        raise DfreError(
+            f"no Dask worker has {spec.package}, which model {model} needs: start workers "
+            f"from {how}"
+        )
+    return {"workers": able} if len(able) < len(installed) else {}
 
 
 def _require_resources(client, resources: dict) -> None:
     """A DfreError unless some worker offers every resource in ``resources``."""
-    for worker in client.scheduler_info()["workers"].values():
-        offered = worker.get("resources", {})
-        if all(offered.get(k, 0) >= v for k, v in resources.items()):
-            return
+    if _served(client, {"resources": resources}):
+        return
     wanted = " ".join(f"{k}={v:g}" for k, v in resources.items())
     raise DfreError(
         f"no Dask worker offers the resources {wanted}: start workers in the model's "
@@ -620,20 +669,37 @@ def _require_resources(client, resources: dict) -> None:
     )
 
 
+def _served(client, placement: dict) -> bool:
+    """Whether some worker of the cluster can run tasks placed with ``placement``."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    if "resources" in placement:
+        return any(
+            all(w.get("resources", {}).get(k, 0) >= v for k, v in placement["resources"].items())
+            for w in workers.values()
+        )
+    if "workers" in placement:
+        return any(address in workers for address in placement["workers"])
+    return True
+
+
 def _compute_as_completed(
-    tasks: list, progress: Callable[[dict], None] | None, resources: dict | None = None
+    tasks: list,
+    progress: Callable[[dict], None] | None,
+    placement: dict | None = None,
+    model: str = "",
 ) -> list[dict]:
-    """Compute the unit tasks on the active scheduler, reporting each as it finishes."""
+    """Compute the unit tasks on the active scheduler, reporting each as it finishes.
+
+    While no task finishes, every :data:`SERVED_CHECK_SECONDS` it checks that the
+    workers the tasks are placed on are still there, and stops with a DfreError when
+    they have all left (Dask would wait for them forever).
+    """
     if not tasks:
         return []
-    from distributed import as_completed
+    from distributed import wait
 
-    try:
-        client = _client_or_error()
-    except DfreError:
-        if resources:
-            raise
-        client = None
+    placement = placement or {}
+    client = _client_or_error() if placement else _current_client()
     if client is None:  # dask's default scheduler; each task records itself as done
         results = list(dask.compute(*tasks))
         for result in results:
@@ -641,13 +707,28 @@ def _compute_as_completed(
                 progress(result)
         return results
     results = []
-    futures = client.compute(tasks, resources=resources)
+    futures = client.compute(tasks, **placement)
+    pending = set(futures)
     try:
-        for future in as_completed(futures):
-            result = future.result()
-            results.append(result)
-            if progress:
-                progress(result)
+        while pending:
+            try:
+                done, pending = wait(
+                    pending, timeout=SERVED_CHECK_SECONDS, return_when="FIRST_COMPLETED"
+                )
+            except TimeoutError:
+                if not _served(client, placement):
+                    where = placement.get("resources") or placement.get("workers")
+                    raise DfreError(
+                        f"the Dask workers that run model {model} ({where}) left the cluster "
+                        f"with {len(pending)} task(s) to do: start them again and re-run "
+                        "(finished chunks are kept)"
+                    ) from None
+                continue
+            for future in done:
+                result = future.result()
+                results.append(result)
+                if progress:
+                    progress(result)
     except BaseException:
         client.cancel(futures)
         raise

@@ -348,3 +348,65 @@ def test_resources_no_worker_offers_are_a_one_line_error(client, tmp_path):
     with pytest.raises(DfreError, match="no Dask worker offers the resources mace=1"):
         featurize(store.path, "chgnet-0.3.0", resources={"mace": 1})
     assert list(Store.open(store.path).group["features"].group_keys()) == []
+
+
+def test_cli_no_worker_for_the_model_is_a_one_line_error(client, tmp_path, capsys):
+    """A real scheduler whose one plain worker has neither the resource nor the package:
+    dfre says so in one line and exits instead of waiting for a worker forever."""
+    store = make_store(tmp_path / "s.zarr", [bulk("Si", "diamond", 5.43)], chunk_atoms=4)
+    weights = tmp_path / "mp.model"
+    weights.write_bytes(b"")
+    base = ["featurize", "--store", store.path, "--model", "mace", "--weights", str(weights)]
+    # a local cluster would start from this environment, which has no mace-torch
+    one_line_error(capsys, base, "needs the Python package 'mace-torch'")
+    base += ["--scheduler", client.scheduler.address]
+    for argv, fragment in [
+        ([*base, "--resources", "mace=1"], "no Dask worker offers the resources mace=1"),
+        (
+            base,
+            "no Dask worker has mace-torch, which model mace needs: start workers from its "
+            "environment (make env-mace): `.envs/mace/bin/dask worker SCHEDULER --resources "
+            "mace=1`",
+        ),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.splitlines()
+        lines = [line for line in err if not line.startswith("dfre: Dask dashboard")]
+        assert len(lines) == 1 and lines[0].startswith("dfre: error: ") and fragment in lines[0]
+    assert list(Store.open(store.path).group["features"].group_keys()) == []
+
+
+def test_run_stops_when_the_workers_with_its_resource_leave(tmp_path, monkeypatch):
+    import dfre.featurize as featurize_module
+
+    monkeypatch.setattr(featurize_module, "SERVED_CHECK_SECONDS", 0.5)
+    frames = [bulk("Si", "diamond", 5.43), molecule("H2O")] * 6
+    store = make_store(tmp_path / "s.zarr", frames, chunk_atoms=4)
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=False,
+            dashboard_address=":0",
+            resources={"chgnet_env": 1},
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+
+        def leave(result):  # the only worker offering the resource is lost after one task
+            (address,) = c.scheduler_info()["workers"]
+            c.run_on_scheduler(_remove_worker, address=address)
+
+        with pytest.raises(DfreError, match="workers that run model chgnet-0.3.0.*left the"):
+            featurize(
+                store.path,
+                "chgnet-0.3.0",
+                layers=["ll"],
+                resources={"chgnet_env": 1},
+                progress=leave,
+            )
+
+
+async def _remove_worker(dask_scheduler, address):
+    """Drop a worker from the scheduler as if its process had died."""
+    await dask_scheduler.remove_worker(address, stimulus_id="test-worker-lost", close=True)

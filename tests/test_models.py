@@ -275,49 +275,6 @@ def test_adapters_without_their_package_name_it(name, package):
         load_extractor(name, path="model.file")
 
 
-def test_mace_adapter_on_a_random_model(tmp_path):
-    """A randomly initialised MACE (real mace-torch code) against MACE's own descriptors."""
-    pytest.importorskip(
-        "mace",
-        reason="mace-torch pins e3nn==0.4.4 and cannot share the environment of sevenn "
-        "(e3nn>=0.5); run this test in a MACE worker environment",
-    )
-    import torch
-    from e3nn import o3
-    from mace import modules
-    from mace.calculators import MACECalculator
-
-    torch.manual_seed(0)
-    block = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
-    model = modules.ScaleShiftMACE(
-        r_max=5.0,
-        num_bessel=8,
-        num_polynomial_cutoff=5,
-        max_ell=2,
-        interaction_cls=block,
-        interaction_cls_first=block,
-        num_interactions=2,
-        num_elements=2,
-        hidden_irreps=o3.Irreps("16x0e+16x1o"),
-        MLP_irreps=o3.Irreps("16x0e"),
-        gate=torch.nn.functional.silu,
-        atomic_energies=np.zeros(2),
-        avg_num_neighbors=8.0,
-        atomic_numbers=[1, 8],
-        correlation=3,
-        atomic_inter_scale=1.0,
-        atomic_inter_shift=0.0,
-    )
-    path = str(tmp_path / "random.model")
-    torch.save(model, path)
-    frames = [molecule("H2O"), molecule("H2O2")]
-    features = load_extractor("mace", path=path).featurize(frames)
-    calculator = MACECalculator(model_paths=path, device="cpu", default_dtype="float32")
-    expected = np.concatenate([calculator.get_descriptors(a, invariants_only=True) for a in frames])
-    np.testing.assert_allclose(features["bb"], expected, atol=TOL, rtol=0)
-    assert features["ll"].shape[0] == 7
-
-
 def test_models_command_lists_the_registry(capsys):
     assert main(["models", "--json"]) == 0
     import json
@@ -336,6 +293,8 @@ def test_models_command_lists_the_registry(capsys):
         assert table[name]["weights"] == "yes"
     assert table["sevennet-0"]["layers"] == {"bb": 128, "ll": 64}
     assert table["generic"]["weights"] == "user file"
+    assert table["chgnet-0.3.0"]["env"] == table["sevennet-0"]["env"] == "main"
+    assert table["mace"]["env"] == "mace" and table["dpa"]["env"] == "dpa"
 
 
 def test_extractor_is_loaded_once_per_process():

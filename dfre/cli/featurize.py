@@ -10,6 +10,7 @@ import dask
 from dfre.cluster import add_cluster_arguments, client_from_args
 from dfre.featurize import DEFAULT_BATCH_ATOMS, check_request, check_settings, featurize
 from dfre.lock import store_lock
+from dfre.models.base import get_spec
 from dfre.store import Store
 
 
@@ -91,7 +92,8 @@ def add_parser(subparsers) -> None:
         default=None,
         metavar="NAME=N",
         help="Dask worker resources each task needs (repeatable), e.g. mace=1 to run on "
-        "workers started in the model's own environment with `dask worker --resources mace=1`",
+        "workers started in the model's own environment with `dask worker --resources mace=1` "
+        "(without it, the tasks run on the workers whose environment has the model's package)",
     )
     p.add_argument(
         "--torch-threads",
@@ -151,7 +153,9 @@ def run(args) -> int:
     resources = dict(_resource(r) for r in args.resources or [])
     store = Store.open(args.store, mode="r+")
     check_settings(args.name or args.model, args.batch_atoms)
-    if not resources:  # one-line errors (model, weights, layers, store) before a cluster starts
+    if not resources and (get_spec(args.model).package_available() or not _external(args)):
+        # one-line errors (model, weights, layers, store) before a cluster starts; a model
+        # of another environment is checked on a worker of that environment instead
         check_request(store, args.model, layers, options)
     # worker processes may start graph-builder processes only if they are not daemonic
     daemon = {"distributed.worker.daemon": graph_processes == 0}
@@ -185,6 +189,21 @@ def run(args) -> int:
         )
     print(report.summary())
     return 0
+
+
+def _external(args) -> bool:
+    """Whether the command runs on a cluster started elsewhere (whose workers may come
+    from other environments) rather than a local one started from this environment."""
+    import dask
+
+    from dfre.cluster import SCHEDULER_ENV
+
+    return bool(
+        args.scheduler
+        or args.scheduler_file
+        or os.environ.get(SCHEDULER_ENV)
+        or dask.config.get("scheduler-address", None)
+    )
 
 
 def _default_torch_threads(client) -> int:
