@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from dfre.lock import store_lock
     from dfre.store import Store
 
-    with store_lock(args.store, "dfre ingest"):
+    with store_lock(args.store, "dfre ingest", create=True):
         ingest(
             args.files,
             args.store,

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.chunk_atoms < 1:
         raise DfreError(f"--chunk-atoms must be a positive number, not {args.chunk_atoms}")
     cluster = client_from_args(args) if _wants_cluster(args) else contextlib.nullcontext()
-    with store_lock(args.store, f"dfre sample --atoms {args.atoms}"), cluster:
+    with store_lock(args.store, f"dfre sample --atoms {args.atoms}", create=True), cluster:
         store = write_sample(
             args.store,
             args.atoms,

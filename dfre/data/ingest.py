@@ -265,7 +265,7 @@ class _Batch:
         self.frames, self.infos, self.origins, self.n_atoms, self.touched = [], [], [], 0, {}
 
 
-@writes_store("dfre ingest")
+@writes_store("dfre ingest", create=True)
 def ingest(
     files: Sequence[str | os.PathLike],
     store: str | os.PathLike | Store,

@@ -306,7 +306,7 @@ def _segment_block(seed: int, index: int, n_atoms: int, energies: bool) -> Struc
     return StructureBlock.from_atoms(frames, info)
 
 
-@writes_store("dfre sample")
+@writes_store("dfre sample", create=True)
 def write_sample(
     store: str | os.PathLike | Store,
     n_atoms: int,
