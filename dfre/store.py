@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,23 @@ RESULT_CHUNK = 1 << 16  # test environments per chunk of a result's per-environm
 
 #: Label used for structures whose info has no subset key.
 UNLABELLED = "unlabelled"
+#: What a results name may hold: one level below ``results/``, never a path.
+RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_run_name(run: Any) -> str:
+    """``run`` if it names one group under ``results/``, else a one-line DfreError.
+
+    Allowed: letters, digits, ``_``, ``.`` and ``-``; not empty, not ``.`` or ``..``
+    (so writing ``results/<run>`` can never replace ``results/`` itself or anything
+    outside it).
+    """
+    if not isinstance(run, str) or not RUN_NAME.fullmatch(run) or run in (".", ".."):
+        raise DfreError(
+            f"run name {run!r} is not allowed: use letters, digits, '_', '.' and '-' "
+            "(not empty, no '/', not '.' or '..'), e.g. --run gfre-ll"
+        )
+    return run
 
 
 def _is_url(path: str) -> bool:
@@ -580,19 +598,37 @@ class Store:
         return sorted(name for name, _ in self.group["results"].groups())
 
     def result(self, run: str) -> zarr.Group:
+        check_run_name(run)
         if run not in self.result_names():
             raise DfreError(
                 f"store {self.path} has no results '{run}'; available: "
                 f"{', '.join(self.result_names()) or 'none'}"
             )
-        return self.group["results"][run]
+        group = self.group["results"][run]
+        if group.attrs.get("complete") is False:
+            raise DfreError(
+                f"results/{run} of {self.path} is incomplete (the run writing it stopped "
+                "before the end): run that command again"
+            )
+        return group
 
     def create_result(self, run: str, attrs: dict | None = None) -> zarr.Group:
-        """A fresh ``results/<run>`` group (an older one of that name is replaced)."""
+        """A fresh ``results/<run>`` group (an older one of that name is replaced).
+
+        It is marked incomplete (attribute ``complete: false``) until
+        :meth:`finish_result` marks it complete, so that a run stopped while writing
+        (full disk, lost mount) leaves no result that reads as whole.
+        """
         self._require_writable()
+        check_run_name(run)
         group = self.group["results"].create_group(run, overwrite=True)
-        group.update_attributes({"created": _now(), **(attrs or {})})
+        group.update_attributes({"created": _now(), **(attrs or {}), "complete": False})
         return group
+
+    @staticmethod
+    def finish_result(group: zarr.Group) -> None:
+        """Mark a result group made by :meth:`create_result` complete (its commit point)."""
+        group.update_attributes({"complete": True})
 
     def write_run(
         self,
@@ -627,6 +663,7 @@ class Store:
             arr[...] = values
         if hasattr(selection, "save"):
             selection.save(group.create_group("selection"))
+        self.finish_result(group)
         return group
 
     # ------------------------------------------------------------------ summary

@@ -13,6 +13,7 @@ import importlib
 import sys
 
 from dfre import __version__
+from dfre.cli.checks import check_arguments
 from dfre.errors import DfreError
 
 #: Modules of ``dfre.cli`` that each define one or more sub-commands, in help order.
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_arguments(args)
         result = args.handler(args)
     except DfreError as error:
         print(f"dfre: error: {error}", file=sys.stderr)

@@ -266,7 +266,7 @@ def _write(
     for name, values in arrays.items():
         values = np.asarray(values)
         group.create_array(name, shape=values.shape, dtype=values.dtype)[...] = values
-    group.attrs.update(
+    group.update_attributes(  # one metadata write, the last: the result's commit point
         {
             "kind": "pcovr",
             "descriptor": descriptor,
@@ -274,5 +274,6 @@ def _write(
             "fitted_on": str(fitted_on),
             "config": fitted.config,
             "dfre_version": __version__,
+            "complete": True,
         }
     )
