@@ -40,6 +40,7 @@ from typing import Any
 import dask
 from distributed import Client, Future, LocalCluster, futures_of, performance_report
 from distributed.core import Status
+from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.diagnostics.progressbar import TextProgressBar
 from distributed.security import Security
 from distributed.utils import is_kernel
@@ -183,9 +184,31 @@ def connect(
             _local_cluster(gpu, n_workers, threads_per_worker, dashboard_address),
             timeout=timeout,
         )
+        client.register_plugin(QuietTaskErrors())
     if not quiet:
         print(f"dfre: Dask dashboard: {client.dashboard_link}", file=sys.stderr)
     return client
+
+
+class _DropTaskErrorLogs(logging.Filter):
+    """Drops a worker's log of a failed task: the task's exception (with its remote
+    traceback) reaches the client, which reports it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("Compute Failed") or "ended with CancelledError" in message)
+
+
+class QuietTaskErrors(WorkerPlugin):
+    """On the workers of a local cluster, whose logs share the command's terminal: no
+    multi-line log of a failed task (the command reports it in one line, or with its
+    traceback when it is a bug)."""
+
+    name = "dfre-quiet-task-errors"
+
+    def setup(self, worker) -> None:
+        for name in ("distributed.worker", "distributed.worker.state_machine"):
+            logging.getLogger(name).addFilter(_DropTaskErrorLogs())
 
 
 def _require_tls_settings(address: str, where: str) -> None:

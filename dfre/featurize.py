@@ -74,6 +74,7 @@ class FeaturizeReport:
     n_atoms_computed: int
     seconds: float
     masked: dict[int, str] = field(default_factory=dict)
+    repaired: list[str] = field(default_factory=list)  # corrupted chunks found and recomputed
 
     @property
     def atoms_per_second(self) -> float:
@@ -85,6 +86,9 @@ class FeaturizeReport:
             f"{self.n_units} units ({self.n_atoms_computed} atoms) in {self.seconds:.1f} s "
             f"({self.atoms_per_second:.0f} atoms/s)"
         ]
+        if self.repaired:
+            lines.append(f"{len(self.repaired)} corrupted or missing chunk(s) recomputed:")
+            lines.extend(f"  {problem}" for problem in self.repaired)
         if self.masked:
             lines.append(f"{len(self.masked)} structure(s) masked:")
             for index, reason in sorted(self.masked.items())[:20]:
@@ -487,7 +491,7 @@ def featurize(
             group.create_array(
                 f"_done_{layer}", shape=(n_chunks,), chunks=(1,), dtype="bool", fill_value=False
             )
-    done = {layer: np.asarray(group[f"_done_{layer}"][:], dtype=bool) for layer in layers}
+    done, repaired = _done_chunks(store, name, layers)
 
     units = plan_units(store.offsets, chunk)
     todo = []
@@ -529,7 +533,36 @@ def featurize(
         n_atoms_computed=sum(r["atoms"] for r in results),
         seconds=seconds,
         masked=masked,
+        repaired=repaired,
     )
+
+
+def _done_chunks(
+    store: Store, name: str, layers: Sequence[str]
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The done record of every layer, with the chunks that cannot be trusted cleared.
+
+    Every chunk of the layers, the mask and the done records is decoded (see
+    :mod:`dfre.verify`): a chunk that does not decode, or a done chunk whose file is
+    missing, is recomputed by this run. Returns the done flags and the problems found.
+    """
+    from dfre.verify import check_chunks, missing_done_chunks, readable_values
+
+    base = f"features/{name}"
+    paths = [f"{base}/{layer}" for layer in layers] + [f"{base}/_mask"]
+    paths += [f"{base}/_done_{layer}" for layer in layers]
+    problems = check_chunks(store, paths)
+    for layer in layers:
+        problems += missing_done_chunks(store, f"{name}/{layer}")
+    group = store.group["features"][name]
+    done = {
+        layer: np.asarray(readable_values(group[f"_done_{layer}"], fill=False), dtype=bool)
+        for layer in layers
+    }
+    for problem in problems:  # chunk c of a layer or the mask, or done flag c: redo unit c
+        for layer in layers:
+            done[layer][problem.chunk[0]] = False
+    return done, [str(problem) for problem in problems]
 
 
 def check_settings(name: str, batch_atoms: int) -> None:

@@ -510,7 +510,14 @@ class Store:
         model = name.partition("/")[0]
         group = self.group["features"][model]
         if "_mask" in group.array_keys():
-            return np.asarray(group["_mask"][: self.n_atoms], dtype=bool)
+            mask = group["_mask"]
+            if mask.shape != (self.n_atoms,):
+                raise DfreError(
+                    f"mask features/{model}/_mask in {self.path} has {mask.shape[0]} rows but "
+                    f"the store has {self.n_atoms} atoms: remove features/{model} and featurize "
+                    "again"
+                )
+            return np.asarray(mask[...], dtype=bool)
         return np.zeros(self.n_atoms, dtype=bool)
 
     def valid_rows(self, names: Sequence[str]) -> np.ndarray:
@@ -520,20 +527,45 @@ class Store:
             valid &= ~self.feature_mask(name)
         return valid
 
-    def feature_array(self, name: str) -> zarr.Array:
-        """The Zarr array of feature set ``name`` (``model/layer``)."""
+    def _feature_array_unchecked(self, name: str) -> zarr.Array:
         try:
-            return self.group["features"][name]
+            array = self.group["features"][name]
         except KeyError:
+            array = None
+        if not isinstance(array, zarr.Array) or name.rpartition("/")[2].startswith("_"):
             available = ", ".join(self.feature_names()) or "none"
             raise DfreError(
                 f"store {self.path} has no feature set '{name}'; available: {available}"
-            ) from None
+            )
+        return array
+
+    def feature_rows_problem(self, name: str) -> str | None:
+        """Why the rows of feature set ``name`` are not the store's atoms (None if they are)."""
+        array = self._feature_array_unchecked(name)
+        if array.ndim != 2:
+            return f"has {array.ndim} dimensions, not 2 (rows x features)"
+        if array.shape[0] != self.n_atoms:
+            return f"has {array.shape[0]} rows but the store has {self.n_atoms} atoms"
+        return None
+
+    def feature_array(self, name: str) -> zarr.Array:
+        """The Zarr array of feature set ``name`` (``model/layer``), one row per atom.
+
+        An array whose rows are not the store's atoms (another length) is refused with
+        a one-line error: its rows cannot be matched to the structures.
+        """
+        array = self._feature_array_unchecked(name)
+        problem = self.feature_rows_problem(name)
+        if problem is not None:
+            raise DfreError(
+                f"feature set {name} in {self.path} {problem}: it does not belong to these "
+                f"structures; remove features/{name.partition('/')[0]} and featurize again"
+            )
+        return array
 
     def features(self, name: str) -> da.Array:
         """Feature set ``name`` as a lazy dask array of shape ``(n_atoms, d)``."""
-        arr = self.feature_array(name)
-        return da.from_zarr(arr)[: self.n_atoms]
+        return da.from_zarr(self.feature_array(name))
 
     def create_feature(
         self,
@@ -586,13 +618,23 @@ class Store:
         arr.update_attributes({"created": _now(), **(attrs or {})})
         return arr
 
-    def descriptor(self, name: str) -> np.ndarray:
+    def descriptor_array(self, name: str) -> zarr.Array:
+        """The Zarr array of descriptor ``name``, one row per structure (checked)."""
         if name not in self.descriptor_names():
             raise DfreError(
                 f"store {self.path} has no descriptor '{name}'; available: "
                 f"{', '.join(self.descriptor_names()) or 'none'}"
             )
-        return np.asarray(self.group["descriptors"][name][...])
+        array = self.group["descriptors"][name]
+        if array.shape[0] != self.n_structures:
+            raise DfreError(
+                f"descriptor {name} in {self.path} has {array.shape[0]} rows but the store has "
+                f"{self.n_structures} structures: make it again with `dfre cumulants`"
+            )
+        return array
+
+    def descriptor(self, name: str) -> np.ndarray:
+        return np.asarray(self.descriptor_array(name)[...])
 
     def result_names(self) -> list[str]:
         return sorted(name for name, _ in self.group["results"].groups())
@@ -677,7 +719,15 @@ class Store:
         model, _, layer = name.partition("/")
         group = self.group["features"][model]
         if f"_done_{layer}" in group.array_keys():
-            done = np.asarray(group[f"_done_{layer}"][...], dtype=bool)
+            record = group[f"_done_{layer}"]
+            n_chunks = -(-self.n_atoms // arr.chunks[0])
+            if record.shape != (n_chunks,):
+                raise DfreError(
+                    f"done record features/{model}/_done_{layer} in {self.path} has "
+                    f"{record.shape[0]} entries for {n_chunks} chunks: remove features/{model} "
+                    "and featurize again"
+                )
+            done = np.asarray(record[...], dtype=bool)
             return float(done.mean()) if done.size else 1.0
         return float(arr.nchunks_initialized / arr.nchunks) if arr.nchunks else 1.0
 
@@ -705,29 +755,35 @@ class Store:
             info[key] = {"type": "number" if numeric else "text", "missing": int(missing.sum())}
         features = []
         for name in self.feature_names():
-            arr = self.feature_array(name)
-            features.append(
-                {
-                    "name": name,
-                    "shape": [self.n_atoms, int(arr.shape[1])],
-                    "dtype": str(arr.dtype),
-                    "complete": round(self.feature_completeness(name), 6),
-                    "masked_rows": int(self.feature_mask(name).sum()),
-                }
-            )
-        descriptors = [
-            {"name": n, "shape": list(self.group["descriptors"][n].shape)}
-            for n in self.descriptor_names()
-        ]
+            arr = self._feature_array_unchecked(name)
+            problem = self.feature_rows_problem(name)
+            entry = {"name": name, "shape": list(arr.shape), "dtype": str(arr.dtype)}
+            if problem is None:
+                try:
+                    masked = int(self.feature_mask(name).sum())
+                    entry["complete"] = round(self.feature_completeness(name), 6)
+                except DfreError as error:  # the mask or done record does not fit
+                    problem, masked = str(error), 0
+                entry["masked_rows"] = masked
+            entry["problem"] = problem
+            features.append(entry)
+        descriptors = []
+        for n in self.descriptor_names():
+            shape = list(self.group["descriptors"][n].shape)
+            problem = None
+            if shape[0] != self.n_structures:
+                problem = f"has {shape[0]} rows but the store has {self.n_structures} structures"
+            descriptors.append({"name": n, "shape": shape, "problem": problem})
         results = []
         for run in self.result_names():
-            attrs = self.result(run).attrs
+            attrs = self.group["results"][run].attrs
             results.append(
                 {
                     "run": run,
                     "kind": attrs.get("kind"),
                     "names": list(attrs.get("names", [])),
                     "selection": attrs.get("selection"),
+                    "complete": attrs.get("complete", True) is not False,
                 }
             )
         return {

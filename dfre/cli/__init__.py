@@ -3,7 +3,9 @@
 Each sub-command lives in its own small module of this package with two functions:
 ``add_parser(subparsers)`` declares its arguments and ``run(args)`` calls the library.
 Errors the user can fix arrive as :class:`dfre.errors.DfreError` and are printed as
-one line ``dfre: error: ...`` with exit status 2, never as a traceback.
+one line ``dfre: error: ...`` with exit status 2, never as a traceback; so are failures
+of the machine (full disk, read-only or lost file system, corrupted chunks), see
+:mod:`dfre.cli.failures`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ COMMAND_MODULES: list[str] = [
     "ingest",
     "sample",
     "info",
+    "verify",
     "featurize",
     "models",
     "cumulants",
@@ -61,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dfre: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # full disk, lost mount, corrupted chunk: one line, else raise
+        from dfre.cli.failures import describe_failure
+
+        message = describe_failure(args, error)
+        if message is None:
+            raise
+        print(f"dfre: error: {' '.join(message.split())}", file=sys.stderr)
+        return DfreError.exit_code
     return int(result or 0)
 
 

@@ -13,9 +13,16 @@ complete flag) are committed with it. Hence:
   between the interruption and the resumption);
 * a file already ingested completely (same sha256) is skipped with a message;
 * bad input (unreadable or malformed file, empty file, unknown format, a structure
-  with no atoms, non-finite positions or cell, unknown elements) raises
-  :class:`DfreError` naming the file and frame, and the store is rolled back to
-  what it was before the call.
+  with no atoms, non-finite positions or cell, unknown elements, two atoms at the
+  same position) raises :class:`DfreError` naming the file and frame, and the store
+  is rolled back to what it was before the call;
+* a failure of the machine (full disk, read-only or lost file system) or an
+  interruption keeps the batches committed before it: the batch being written never
+  reached its commit (Zarr writes every file under a temporary name and renames it,
+  so a failed write leaves the previous file whole), and running the same command
+  again continues after the committed batches;
+* appending to a store whose structure arrays do not decode is refused (see
+  :func:`dfre.verify.require_intact_structures`).
 
 Per-structure info: ``energy`` (the calculator's energy if the file gives one, e.g.
 ``energy=`` in an extxyz header, else an ``energy`` info key if present), ``subset``
@@ -47,6 +54,7 @@ from dfre.store import (
     StructureBlock,
     _is_empty_dir,
 )
+from dfre.verify import require_intact_structures
 
 DB_FORMATS = ("db", "json")
 SUBSET_KEYS = ("subset", "config_type")
@@ -298,15 +306,17 @@ def ingest(
     if not isinstance(store, Store):
         store = Store.open_or_create(store, chunk_atoms=chunk_atoms)
     store._require_writable()
+    if store.n_structures:  # appending builds on the last chunks: they must decode
+        require_intact_structures(store)
     snapshot = _snapshot(store)
     try:
         jobs = _plan(store, paths, formats)
         _read_all(store, jobs, subset_key, chunk_atoms, progress)
-    except KeyboardInterrupt:
-        raise  # committed batches stay: the next run resumes after them
-    except BaseException:
+    except DfreError:  # bad input: the store goes back to what it was before the call
         _rollback(store, snapshot, remove=created, keep_folder=had_folder)
         raise
+    # Anything else (interrupt, full disk, lost mount, ...) keeps the committed batches:
+    # the failed batch never reached its commit, and the next run resumes after them.
     reports = [job.report() for job in jobs]
     if log is not None:
         for report in reports:

@@ -46,6 +46,7 @@ from ase.data import atomic_numbers, reference_states
 from dfre.errors import DfreError
 from dfre.lock import writes_store
 from dfre.store import DEFAULT_CHUNK_ATOMS, Store, StructureBlock
+from dfre.verify import require_intact_structures
 
 SUBSETS = (
     "bulk",
@@ -335,6 +336,8 @@ def write_sample(
         raise DfreError(f"--atoms must be a positive number of atoms, not {n_atoms}")
     if not isinstance(store, Store):
         store = Store.open_or_create(store, chunk_atoms=chunk_atoms)
+    if store.n_structures:  # appending builds on the last chunks: they must decode
+        require_intact_structures(store)
     source = f"{SOURCE} seed={seed} atoms={n_atoms}" + ("" if energies else " no-energies")
     record = {"source": source, "format": "dfre-sample", "seed": int(seed), "complete": False}
     previous = next((r for r in store.provenance if r.get("source") == source), None)

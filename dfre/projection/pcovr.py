@@ -176,12 +176,7 @@ def _numeric_info(store: Any, key: str) -> np.ndarray:
 
 def _lazy_descriptor(store: Any, name: str) -> da.Array:
     """Descriptor ``name`` of ``store`` as a dask array (never loaded whole)."""
-    if name not in store.descriptor_names():
-        raise DfreError(
-            f"store {store.path} has no descriptor '{name}'; available: "
-            f"{', '.join(store.descriptor_names()) or 'none'}"
-        )
-    return da.from_zarr(store.group["descriptors"][name])
+    return da.from_zarr(store.descriptor_array(name))  # unknown names, wrong rows raise
 
 
 def project(fitted: PCovRMap, descriptor: da.Array) -> np.ndarray:
