@@ -60,6 +60,8 @@ LOCK_ENV = "DFRE_STORE_LOCK"
 #: Real paths of the stores whose lock this process holds -> nesting depth.
 _HELD: dict[str, int] = {}
 _HELD_GUARD = threading.Lock()
+#: Stores whose lock file disappeared while this process held it.
+_VANISHED: set[str] = set()
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -194,6 +196,8 @@ def _release(fd: int, lock_path: str, folder: str, made_folder: bool) -> None:
         if _same_file(fd, lock_path):
             with contextlib.suppress(OSError):
                 os.remove(lock_path)
+        else:  # the store went away while we held its lock (unmounted, removed)
+            _VANISHED.add(os.path.abspath(folder))
         if made_folder:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)  # only if nothing else was put there
@@ -238,6 +242,12 @@ def store_lock(path: str | os.PathLike, command: str, *, create: bool = False) -
         with _HELD_GUARD:
             _HELD.pop(key, None)
         _release(fd, lock_path, path, made_folder)
+
+
+def vanished(path: str | os.PathLike) -> bool:
+    """True if the lock file of store ``path`` disappeared while this process held it:
+    the store's file system was unmounted or the store removed under the command."""
+    return os.path.abspath(os.fspath(path)) in _VANISHED
 
 
 def store_path_of(value: Any) -> str | None:

@@ -16,6 +16,7 @@ import sys
 
 from dfre import __version__
 from dfre.cli.checks import check_arguments
+from dfre.cli.failures import note_store, store_gone
 from dfre.errors import DfreError
 
 #: Modules of ``dfre.cli`` that each define one or more sub-commands, in help order.
@@ -55,11 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    note_store(args)
     try:
         check_arguments(args)
         result = args.handler(args)
     except DfreError as error:
-        print(f"dfre: error: {error}", file=sys.stderr)
+        print(f"dfre: error: {store_gone(args) or error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("dfre: interrupted", file=sys.stderr)

@@ -37,36 +37,55 @@ def store_path(args: argparse.Namespace) -> str | None:
     return os.fspath(path) if path else None
 
 
+def note_store(args: argparse.Namespace) -> None:
+    """Remember whether the command's local store exists as the command starts."""
+    store = store_path(args)
+    exists = bool(store) and "://" not in store
+    args._store_existed = exists and os.path.exists(os.path.join(store, "zarr.json"))
+
+
+def store_gone(args: argparse.Namespace, error: BaseException | None = None) -> str | None:
+    """The report for a local store that vanished during the command, else None: its
+    metadata is gone now, and it existed when the command started, or its lock file
+    vanished while held, or a file operation failed (a store this command created)."""
+    store = store_path(args)
+    if store is None or "://" in store or os.path.exists(os.path.join(store, "zarr.json")):
+        return None
+    from dfre.lock import vanished
+
+    existed = getattr(args, "_store_existed", False) or vanished(store)
+    if not (existed or isinstance(error, OSError)):
+        return None
+    return (
+        f"store {store} is no longer reachable: its file system was unmounted or the store "
+        f"was removed while the command ran; mount it again, then run the command again to "
+        "continue (what was committed before is kept)"
+    )
+
+
 def _describe_os_error(error: OSError, store: str | None) -> str | None:
     where = error.filename or store or "a file"
     what = error.strerror or str(error)
+    target = f"store {store}" if store else where
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        target = f"store {store}" if store else where
-        return (
-            f"no space left for {target} ({what} writing {where}): free space or move the "
-            f"store; {KEPT}"
-        )
+        return f"no space left for {target} ({what}: {where}): free space or move the store; {KEPT}"
     if error.errno == errno.EROFS:
-        target = f"store {store}" if store else where
         return (
             f"{target} is on a read-only file system ({where}): writing commands need a "
             f"writable store; {KEPT}"
         )
     if error.errno in (errno.EACCES, errno.EPERM):
         return f"no permission to access {where} ({what}): check its owner and permissions"
-    if error.errno in LOST:
-        if store and "://" not in store and not os.path.exists(os.path.join(store, "zarr.json")):
-            return (
-                f"store {store} is no longer reachable ({what}: {where}): its file system was "
-                f"unmounted or the store was removed; mount it again, then {KEPT.split('; ')[1]}"
-            )
-        if error.errno != errno.ENOENT:
-            return f"{what} reading or writing {where}: check the file system of the store"
+    if error.errno in LOST - {errno.ENOENT}:
+        return f"{what} on {where}: check the file system of {target}; {KEPT}"
     return None
 
 
 def describe_failure(args: argparse.Namespace, error: BaseException) -> str | None:
     """The one-line report of ``error``, or None when it is not the machine's doing."""
+    gone = store_gone(args, error)
+    if gone is not None:
+        return gone
     store = store_path(args)
     if isinstance(error, OSError):  # the machine's doing, or a bug: the store is not checked
         return _describe_os_error(error, store)
