@@ -247,11 +247,18 @@ def _local_cluster(
 
 
 def disconnect(client: Client) -> None:
-    """Close ``client`` and, if :func:`connect` started a local cluster for it, that cluster."""
+    """Close ``client`` and, if :func:`connect` started a local cluster for it, that cluster
+    (a worker still busy with a task of a failed command is stopped without a warning)."""
     cluster = client.cluster
     client.close()
     if cluster is not None:
-        cluster.close()
+        nanny = logging.getLogger("distributed.nanny")
+        level = nanny.level
+        nanny.setLevel(logging.ERROR)
+        try:
+            cluster.close()
+        finally:
+            nanny.setLevel(level)
 
 
 @contextlib.contextmanager

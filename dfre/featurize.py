@@ -36,7 +36,7 @@ import numpy as np
 from dfre.errors import DfreError
 from dfre.lock import writes_store
 from dfre.models.base import FeatureExtractor, Unsupported, load_extractor, set_torch_threads
-from dfre.store import Store
+from dfre.store import Store, require_free_space
 
 DEFAULT_BATCH_ATOMS = 2048
 #: Most structure/reason pairs kept in the attributes of the model group.
@@ -442,7 +442,13 @@ def featurize(
     is one (results are collected as tasks finish), else dask's default scheduler.
     """
     name = name or model
-    check_settings(name, batch_atoms)
+    check_settings(
+        name,
+        batch_atoms,
+        torch_threads=torch_threads,
+        prefetch=prefetch,
+        graph_processes=graph_processes,
+    )
     store = store if isinstance(store, Store) else Store.open(store, mode="r+")
     if not store.writable:
         store = Store.open(store.path, mode="r+")
@@ -499,6 +505,10 @@ def featurize(
         unit_layers = [lay for lay in layers if not done[lay][unit.c_lo : unit.c_hi].all()]
         if unit_layers:
             todo.append((unit, unit_layers))
+
+    dims = info["dims"]
+    needed = sum(u.n_atoms * sum(4 * dims[lay] for lay in lays) for u, lays in todo)
+    require_free_space(store.path, needed, f"features of {name} ({len(todo)} units)")
 
     start = time.perf_counter()
     tasks = [
@@ -565,11 +575,24 @@ def _done_chunks(
     return done, [str(problem) for problem in problems]
 
 
-def check_settings(name: str, batch_atoms: int) -> None:
-    """One-line errors for a bad model name in the store or batch size (checked by the
-    CLI before a cluster starts)."""
+def check_settings(
+    name: str,
+    batch_atoms: int,
+    *,
+    torch_threads: int | None = None,
+    prefetch: int = 0,
+    graph_processes: int = 0,
+) -> None:
+    """One-line errors for a bad model name in the store, batch size or thread and
+    process counts (checked by the CLI before a cluster starts)."""
     if batch_atoms < 1:
         raise DfreError(f"--batch-atoms must be a positive number of atoms, got {batch_atoms}")
+    if torch_threads is not None and torch_threads < 1:
+        raise DfreError(f"--torch-threads must be >= 1, got {torch_threads}")
+    if prefetch < 0 or graph_processes < 0:
+        raise DfreError(
+            f"--prefetch and --graph-processes must be >= 0, got {prefetch} and {graph_processes}"
+        )
     if "/" in name or name.startswith("_") or not name:
         raise DfreError(
             f"model name '{name}' in the store must be non-empty, without '/' or a leading '_'"

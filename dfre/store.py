@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -809,6 +810,31 @@ _BOOKKEEPING_FILES = {".dfre.lock"}
 def _is_empty_dir(path: str) -> bool:
     """A directory holding nothing but bookkeeping files (e.g. the write lock)."""
     return os.path.isdir(path) and not set(os.listdir(path)) - _BOOKKEEPING_FILES
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB"):
+        if n_bytes < 1000 or unit == "YB":
+            return f"{n_bytes:.0f} {unit}" if unit == "bytes" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1000
+    raise AssertionError("unreachable")
+
+
+def require_free_space(path: str | os.PathLike, needed: float, what: str) -> None:
+    """A one-line DfreError, before any work, when writing about ``needed`` bytes of
+    ``what`` into the (local) store at ``path`` cannot fit on its file system."""
+    path = os.path.abspath(os.fspath(path))
+    if _is_url(path):
+        return
+    folder = path
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise DfreError(
+            f"{what} needs about {_size(needed)} in {path} but its file system has "
+            f"{_size(free)} free: ask for less, or use a store on a larger file system"
+        )
 
 
 def _as_float(value: Any, key: str) -> float:

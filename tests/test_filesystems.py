@@ -219,7 +219,18 @@ def test_full_disk_during_featurize_keeps_finished_units(tmpfs, tmp_path):
     disk = tmpfs("64m")
     store = disk / "s.zarr"
     assert dfre("ingest", source, "--store", store, "--chunk-atoms", "32").returncode == 0
-    tmpfs(str(used_bytes(disk) + 48 * 1024))  # room for the metadata and a few chunks
+    needed = 280 * 64 * 4  # bytes of float32 features, the estimate featurize checks first
+    tmpfs(str(used_bytes(disk) + needed // 2))
+    refused = dfre("featurize", "--store", store, *featurize)
+    assert error_line(refused).startswith(
+        f"dfre: error: features of chgnet-0.3.0 (9 units) needs about 71.7 kB in {store} but "
+        "its file system has "
+    )
+    assert not np.asarray(
+        Store.open(store).group["features"]["chgnet-0.3.0"]["_done_ll"][...]
+    ).any()
+    # enough for the estimate, not for the files (each takes whole 4 kB pages on a tmpfs)
+    tmpfs(str(used_bytes(disk) + needed + 4096))
     full = dfre("featurize", "--store", store, *featurize)
     line = error_line(full)
     assert line.startswith(f"dfre: error: no space left for store {store} (No space left")

@@ -29,6 +29,7 @@ RANGES: dict[str, tuple[float, bool]] = {
     "check_every": (0, False),
     "max_job_failures": (1, True),
     "epochs": (-math.inf, False),
+    "min_distance": (0, True),
 }
 #: Numeric options whose command checks them with its own message.
 CHECKED_BY_COMMAND = {
