@@ -637,12 +637,17 @@ class Store:
     def descriptor(self, name: str) -> np.ndarray:
         return np.asarray(self.descriptor_array(name)[...])
 
-    def result_names(self) -> list[str]:
-        return sorted(name for name, _ in self.group["results"].groups())
+    def result_names(self, *, incomplete: bool = False) -> list[str]:
+        """Names of the results (with ``incomplete``, also those whose writer stopped)."""
+        return sorted(
+            name
+            for name, group in self.group["results"].groups()
+            if incomplete or group.attrs.get("complete") is not False
+        )
 
     def result(self, run: str) -> zarr.Group:
         check_run_name(run)
-        if run not in self.result_names():
+        if run not in self.result_names(incomplete=True):
             raise DfreError(
                 f"store {self.path} has no results '{run}'; available: "
                 f"{', '.join(self.result_names()) or 'none'}"
@@ -776,7 +781,7 @@ class Store:
                 problem = f"has {shape[0]} rows but the store has {self.n_structures} structures"
             descriptors.append({"name": n, "shape": shape, "problem": problem})
         results = []
-        for run in self.result_names():
+        for run in self.result_names(incomplete=True):
             attrs = self.group["results"][run].attrs
             results.append(
                 {

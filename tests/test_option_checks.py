@@ -125,4 +125,8 @@ def test_results_names_in_the_library(sample_store_copy):
             gfre_store(store, ["a/x", "b/x"], run=bad)  # before the feature sets are looked at
     group = store.create_result("gfre.v2_ll-bb")
     assert group.attrs["complete"] is False  # until its writer finishes it
-    assert store.result_names() == ["gfre.v2_ll-bb"]
+    assert store.result_names() == [] and store.result_names(incomplete=True) == ["gfre.v2_ll-bb"]
+    with pytest.raises(DfreError, match=r"results/gfre.v2_ll-bb of .* is incomplete"):
+        store.result("gfre.v2_ll-bb")
+    store.finish_result(group)
+    assert store.result("gfre.v2_ll-bb").attrs["complete"] is True
