@@ -663,14 +663,15 @@ class Store:
     def create_result(self, run: str, attrs: dict | None = None) -> zarr.Group:
         """A fresh ``results/<run>`` group (an older one of that name is replaced).
 
-        It is marked incomplete (attribute ``complete: false``) until
-        :meth:`finish_result` marks it complete, so that a run stopped while writing
-        (full disk, lost mount) leaves no result that reads as whole.
+        dfre's writers pass ``{"complete": False}`` in ``attrs`` and call
+        :meth:`finish_result` after their last write, so that a run stopped while
+        writing (full disk, lost mount) leaves no result that reads as whole: readers
+        refuse it and :meth:`result_names` leaves it out.
         """
         self._require_writable()
         check_run_name(run)
         group = self.group["results"].create_group(run, overwrite=True)
-        group.update_attributes({"created": _now(), **(attrs or {}), "complete": False})
+        group.update_attributes({"created": _now(), **(attrs or {})})
         return group
 
     @staticmethod
@@ -700,6 +701,7 @@ class Store:
             "selection": getattr(selection, "spec", "explicit"),
             "config": result.config,
             "dfre_version": __version__,
+            "complete": False,
         }
         group = self.create_result(run, attrs)
         for key, values in arrays.items():

@@ -39,6 +39,8 @@ CASES = [
     ("run-dotdot", "lfre --store {S} --features a/x b/x --run ..", RUN_NAME.format(name="'..'")),
     ("run-dot", "pcovr --store {S} --descriptor cumulants-a-x-M2 --run .",
      RUN_NAME.format(name="'.'")),
+    ("report-runs", "report --store {S} --out {D}/r --run gfre --run ../x",
+     RUN_NAME.format(name="'../x'")),
     ("run-prefix", "checkpoints --store {S} --features a/x b/x --run-prefix x/",
      "--run-prefix 'x/' is not allowed: use letters, digits, '_', '.' and '-' (no '/')"),
     ("torch-threads", f"{FEATURIZE} --torch-threads -3", "--torch-threads must be >= 1, got -3"),
@@ -123,8 +125,7 @@ def test_results_names_in_the_library(sample_store_copy):
             store.create_result(bad)
         with pytest.raises(DfreError, match="is not allowed"):
             gfre_store(store, ["a/x", "b/x"], run=bad)  # before the feature sets are looked at
-    group = store.create_result("gfre.v2_ll-bb")
-    assert group.attrs["complete"] is False  # until its writer finishes it
+    group = store.create_result("gfre.v2_ll-bb", {"complete": False})  # as dfre's writers do
     assert store.result_names() == [] and store.result_names(incomplete=True) == ["gfre.v2_ll-bb"]
     with pytest.raises(DfreError, match=r"results/gfre.v2_ll-bb of .* is incomplete"):
         store.result("gfre.v2_ll-bb")

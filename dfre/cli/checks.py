@@ -82,4 +82,5 @@ def check_arguments(args: argparse.Namespace) -> None:
                     "and '-' (no '/')"
                 )
         else:
-            check_run_name(value)
+            for name in value if isinstance(value, list) else [value]:
+                check_run_name(name)

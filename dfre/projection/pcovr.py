@@ -254,7 +254,7 @@ def _write(
     store, run, fitted, descriptor, fitted_on, coordinates, target, fit_rows, reference=None
 ):
     """Arrays first, attributes last: a group without ``kind`` is an unfinished write."""
-    group = store.create_result(run)
+    group = store.create_result(run, {"complete": False})
     arrays = {"coordinates": coordinates, "target": target, "fit_rows": fit_rows}
     if reference is not None:
         arrays["reference_coordinates"], arrays["reference_target"] = reference
