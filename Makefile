@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dfre-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check dfre tests benchmarks
 	$(BIN)/ruff format --check dfre tests benchmarks
+
+# Wheels the GPU machine lacks (Python 3.12, manylinux x86_64) into .whl/, trimmed to fit
+# the device tool's 64 MiB; then a device call carries .whl and runs
+# `bash benchmarks/gpu_check.sh` (README, "GPUs").
+gpu-wheels: $(STAMP)
+	$(BIN)/python benchmarks/gpu_wheels.py fetch --dest .whl
 
 clean:
 	rm -rf $(VENV) demo-store.zarr demo-report

@@ -31,6 +31,7 @@ GPU (device machine):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -98,7 +99,10 @@ def start_client(args):
         cluster = LocalCUDACluster(threads_per_worker=1, dashboard_address=":0")
     else:
         cluster = LocalCluster(
-            n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+            n_workers=args.workers,
+            threads_per_worker=1,
+            processes=not args.in_process,
+            dashboard_address=":0",
         )
     return Client(cluster)
 
@@ -114,6 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--graph-processes", type=int, default=None)
     p.add_argument("--prefetch", type=int, default=None)
     p.add_argument("--chunk-atoms", type=int, default=None, help="rows per feature chunk")
+    p.add_argument("--warm-atoms", type=int, default=200, help="atoms of the warm-up run")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="CPU: thread workers in this process (no worker processes; for quick checks)",
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the figures to FILE (JSON)")
     args = p.parse_args(argv)
     cores = os.cpu_count() or 1
     if args.graph_processes is None:
@@ -142,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             store = make_store(path, n_atoms, chunk_atoms=65536)
             frames = list(store.iter_atoms())
             client.run(warm_up, model, args.device, torch_threads)  # load on every worker
-            warm = make_store(tmp / f"{model}-warm.zarr", 200, chunk_atoms=65536)
+            warm = make_store(tmp / f"{model}-warm.zarr", args.warm_atoms, chunk_atoms=65536)
             featurize(
                 warm.path,
                 model,
@@ -184,6 +195,16 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.models:
         best = max((r for r in rows if r[0] == model), key=lambda r: r[5])
         print(f"# {model}: best pipeline rate {best[5]:.0f} atoms/s at --batch-atoms {best[1]}")
+    if args.json:
+        keys = ("model", "batch_atoms", "atoms", "direct", "raw_forward", "pipeline", "max_diff")
+        runs = [dict(zip(keys, row, strict=True)) for row in rows]
+        for run in runs:
+            run["pipeline_over_direct"] = run["pipeline"] / run["direct"]
+            raw = run["raw_forward"]
+            run["pipeline_over_raw"] = run["pipeline"] / raw if raw == raw else None
+            run["raw_forward"] = raw if raw == raw else None  # NaN is not JSON
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "cores": cores, "runs": runs}, f, indent=1)
     sys.stdout.flush()
 
 

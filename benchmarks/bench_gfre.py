@@ -15,12 +15,24 @@ Full size:
 
     python benchmarks/bench_gfre.py --out-of-core 10000000 --workdir /scratch/dfre-bench
 
+Ill-conditioned features (``--decay 1e-10``): every feature set is mapped (in float64)
+by a fixed orthogonal rotation times column scales from 1 down to ``decay``, so its
+singular values spread over ten more decades, like the last-layer features of real
+models. dfre's default ``solver="auto"`` then detects the spectra in the Gram pass and
+adds the exact TSQR pass; the script reports which path ran. ``--solver gram`` shows
+what the normal equations alone would give.
+
 6c (``--device cuda``): the dfre part with CuPy chunks already in GPU memory; prints the
 Gram pass's effective float64 throughput (2 n D^2 flops per pass, best of three after a
-warm-up). Use enough rows to fill the GPU, e.g.
+warm-up) and, measured in the same process on the same device, the float64 GEMM rate
+(square 8192 products, and products of the Gram pass's own shape). Use enough rows to
+fill the GPU, e.g.
 
     python benchmarks/bench_gfre.py --device cuda --n-envs 2000000 --chunk-rows 262144 \
         --threads 4 --reference-pairs 0
+
+``--pass-rate`` measures the same on the CPU (data in memory), ``--json FILE`` writes
+every figure to FILE.
 """
 
 from __future__ import annotations
@@ -51,44 +63,110 @@ def _selection(spec: str, labels: np.ndarray, seed: int):
     return make_selection(spec, len(labels), labels=labels, seed=seed)
 
 
+def ill_conditioned(arrays: list, decay: float, seed: int) -> list:
+    """Each set times a fixed ``Q diag(geomspace(1, decay, d))`` (float64, lazily)."""
+    out = []
+    for i, a in enumerate(arrays):
+        d = a.shape[1]
+        rng = np.random.default_rng([seed, 0xDECA1, i])
+        q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+        transform = q * np.geomspace(1.0, decay, d)
+        out.append(a.map_blocks(lambda b, t=transform: b.astype(np.float64) @ t, dtype=np.float64))
+    return out
+
+
+def _device(name: str):
+    """(array module, synchronise) of the device ``name``."""
+    if name == "cuda":
+        import cupy
+
+        return cupy, cupy.cuda.Device().synchronize
+    return np, lambda: None
+
+
+def gemm_tflops(xp, sync, m: int, k: int, n: int, repeats: int = 5) -> float:
+    """float64 TFLOP/s of ``(m, k) @ (k, n)`` products on ``xp``'s device, best of
+    ``repeats`` after a warm-up (2 m k n flops each)."""
+    rng = np.random.default_rng(0)
+    a = xp.asarray(rng.random((m, k)))
+    b = xp.asarray(rng.random((k, n)))
+    a @ b
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best / 1e12
+
+
+def pass_rate(arrays, selection, config: dict) -> dict:
+    """The Gram pass over device-resident rows (best of three after a warm-up) against the
+    float64 GEMM rate of the same device, measured here."""
+    import dask
+
+    from dfre.linalg.gram import GPU_SUB_BLOCK_ROWS, SUB_BLOCK_ROWS, group_statistics
+    from dfre.metrics.gfre import GROUPS_PER_FOLD, _concatenate, fold_labels
+
+    xp, sync = _device(config["device"])
+    (z,) = dask.persist(_concatenate(list(arrays)))  # the concatenated rows, on the device
+    sync()
+    labels = fold_labels([(selection.train, selection.test)], z.shape[0])
+    pass_solver = "tsqr" if config["solver"] == "tsqr" else "gram"  # auto's first pass: Gram
+    times = []
+    for _ in range(4):  # the first run compiles CuPy kernels: best of the next three
+        start = time.perf_counter()
+        group_statistics(z, labels, GROUPS_PER_FOLD, solver=pass_solver)
+        sync()
+        times.append(time.perf_counter() - start)
+    t_pass = min(times[1:])
+    n_used = len(selection.train) + len(selection.test)
+    d = z.shape[1]
+    square = 8192 if xp is not np else 1024
+    rows = min(GPU_SUB_BLOCK_ROWS if xp is not np else SUB_BLOCK_ROWS, z.shape[0])
+    out = {
+        "gram_pass_s": t_pass,
+        "effective_tflops": 2 * n_used * d * d / t_pass / 1e12,
+        "gemm_square": square,
+        "gemm_tflops": gemm_tflops(xp, sync, square, square, square),
+        "gemm_gram_shape": [d, rows, d],
+        "gemm_gram_shape_tflops": gemm_tflops(xp, sync, d, rows, d),
+    }
+    out["fraction_of_gemm"] = out["effective_tflops"] / out["gemm_tflops"]
+    return out
+
+
 def run_dfre(config: dict) -> dict:
     """The dfre side, run in its own process: read the store, compute, report."""
     import dask
 
-    from dfre.linalg.gram import group_statistics
-    from dfre.metrics.gfre import GROUPS_PER_FOLD, _concatenate, fold_labels, gfre_matrix
+    from dfre.metrics.gfre import gfre_matrix
 
     names, arrays, labels = read_synthetic_zarr(config["path"])
     arrays = [a.rechunk({0: config["chunk_rows"]}) for a in arrays]
+    if config.get("decay"):
+        arrays = ill_conditioned(arrays, config["decay"], config["seed"])
     selection = _selection(config["selection"], labels, config["seed"])
     del labels
     dask.config.set(scheduler="threads", num_workers=config["threads"])
     out = {"names": names, "rss_before_gb": _peak_rss_gb()}
-    if config["device"] == "cuda":
-        import cupy
+    if config["device"] == "cuda" or config.get("pass_rate"):
+        if config["device"] == "cuda":
+            import cupy
 
-        arrays = [a.map_blocks(cupy.asarray, dtype=a.dtype) for a in arrays]
-        arrays = dask.persist(*arrays)  # data already in GPU memory before timing
-        cupy.cuda.Device().synchronize()
-        (z,) = dask.persist(_concatenate(list(arrays)))  # the concatenated rows, on the GPU
-        labels = fold_labels([(selection.train, selection.test)], z.shape[0])
-        times = []
-        for _ in range(4):  # the first run compiles CuPy kernels: best of the next three
-            start = time.perf_counter()
-            group_statistics(z, labels, GROUPS_PER_FOLD, solver=config["solver"])
-            cupy.cuda.Device().synchronize()
-            times.append(time.perf_counter() - start)
-        t_pass = min(times[1:])
-        n_used = len(selection.train) + len(selection.test)
-        d = z.shape[1]
-        out["gram_pass_s"] = t_pass
-        out["effective_tflops"] = 2 * n_used * d * d / t_pass / 1e12
+            arrays = [a.map_blocks(cupy.asarray, dtype=a.dtype) for a in arrays]
+        arrays = dask.persist(*arrays)  # data already in (GPU) memory before timing
+        _device(config["device"])[1]()
+        out.update(pass_rate(arrays, selection, config))
     start, cpu = time.perf_counter(), time.process_time()
     result = gfre_matrix(arrays, selection, names=names, solver=config["solver"], pointwise=True)
     out["seconds"] = time.perf_counter() - start
     out["cpu_seconds"] = time.process_time() - cpu
     out["matrix"] = result.matrix.tolist()
     out["alpha"] = result.alpha.tolist()
+    out["solver_used"] = result.config["solver_used"]
+    out["exact_path_for"] = result.config["exact_path_for"]
     out["peak_rss_gb"] = _peak_rss_gb()
     return out
 
@@ -106,12 +184,14 @@ def dfre_in_subprocess(config: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def reference_pairs(path: str, selection_spec: str, seed: int, n_pairs: int):
+def reference_pairs(path: str, selection_spec: str, seed: int, n_pairs: int, decay=None):
     """skmatter's GFRE for the first ``n_pairs`` (source, target) pairs, float64 inputs."""
     from skmatter.metrics import global_reconstruction_error
 
     names, arrays, labels = read_synthetic_zarr(path)
     selection = _selection(selection_spec, labels, seed)
+    if decay:
+        arrays = ill_conditioned(arrays, decay, seed)
     data = [np.asarray(a, dtype=np.float64) for a in arrays]
     m = len(data)
     # every source in turn, off-diagonal pairs first, so that a few pairs are representative
@@ -146,6 +226,7 @@ def bench_matrix(args, workdir: str) -> None:
     path = os.path.join(workdir, f"synthetic-{args.n_envs}.zarr")
     start = time.perf_counter()
     write_synthetic_zarr(path, args.n_envs, dims, args.seed, chunk_rows=args.chunk_rows)
+    out_data = time.perf_counter() - start
     print(
         f"data: {args.n_envs} environments, dims {dims}, written in "
         f"{time.perf_counter() - start:.1f} s to {path}"
@@ -159,24 +240,37 @@ def bench_matrix(args, workdir: str) -> None:
         "chunk_rows": args.chunk_rows,
         "threads": args.threads,
         "device": args.device,
+        "decay": args.decay,
+        "pass_rate": args.pass_rate,
     }
     out = dfre_in_subprocess(config)
+    out.update({"n_envs": args.n_envs, "dims": dims, "data_seconds": out_data})
+    write_json(args.json, out)
     names = out["names"]
+    spectra = f"singular values decaying to {args.decay:g}" if args.decay else "as generated"
     print(
-        f"\ndfre ({args.solver}, {args.device}, {args.threads} threads): whole "
-        f"{len(names)}x{len(names)} matrix with pointwise errors in {out['seconds']:.2f} s "
-        f"(CPU {out['cpu_seconds']:.1f} s), peak RSS {out['peak_rss_gb']:.2f} GB"
+        f"\ndfre ({args.solver}, {args.device}, {args.threads} threads, features {spectra}): "
+        f"whole {len(names)}x{len(names)} matrix with pointwise errors in "
+        f"{out['seconds']:.2f} s (CPU {out['cpu_seconds']:.1f} s), peak RSS "
+        f"{out['peak_rss_gb']:.2f} GB; path: {out['solver_used']}"
+        + (f" (exact pass for {', '.join(out['exact_path_for'])})" if out["exact_path_for"] else "")
     )
     if "effective_tflops" in out:
         print(
-            f"dfre Gram pass on GPU: {out['gram_pass_s']:.3f} s, effective "
-            f"{out['effective_tflops']:.1f} TFLOP/s (float64)"
+            f"dfre Gram pass on {args.device}: {out['gram_pass_s']:.3f} s, effective "
+            f"{out['effective_tflops']:.2f} TFLOP/s (float64) = "
+            f"{out['fraction_of_gemm']:.0%} of the float64 GEMM rate measured here: "
+            f"{out['gemm_tflops']:.2f} TFLOP/s ({out['gemm_square']}^3), "
+            f"{out['gemm_gram_shape_tflops']:.2f} TFLOP/s (Gram shape "
+            f"{'x'.join(map(str, out['gemm_gram_shape']))})"
         )
     print_matrix(names, np.array(out["matrix"]))
     if args.reference_pairs <= 0:
         return
     print(f"\nskmatter 0.4.1 global_reconstruction_error, {args.reference_pairs} pair(s):")
-    values, times, cpu_times, n_all = reference_pairs(path, spec, args.seed, args.reference_pairs)
+    values, times, cpu_times, n_all = reference_pairs(
+        path, spec, args.seed, args.reference_pairs, args.decay
+    )
     per_pair = float(np.mean(times))
     total = sum(times) if len(times) == n_all else per_pair * n_all
     label = "measured" if len(times) == n_all else f"extrapolated from {len(times)} pairs"
@@ -194,6 +288,13 @@ def bench_matrix(args, workdir: str) -> None:
         f"CPU time (robust to other load on the machine): dfre {out['cpu_seconds']:.1f} s, "
         f"skmatter {cpu_total:.1f} s ({label}): {cpu_total / out['cpu_seconds']:.1f}x"
     )
+
+
+def write_json(path: str | None, figures: dict) -> None:
+    """Write ``figures`` to ``path`` (if given) as JSON."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=1)
 
 
 def _written(path: str, n: int, dims: list[int], seed: int) -> bool:
@@ -252,7 +353,12 @@ def main(argv=None) -> int:
         default=16,
         help="skmatter pairs to run (0: none); the total is extrapolated",
     )
-    p.add_argument("--solver", choices=("gram", "tsqr"), default="gram")
+    p.add_argument("--solver", choices=("auto", "gram", "tsqr"), default="auto")
+    p.add_argument(
+        "--decay",
+        type=float,
+        help="make the features ill-conditioned: singular values spread down to this factor",
+    )
     p.add_argument("--chunk-rows", type=int, default=1 << 15)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -264,6 +370,12 @@ def main(argv=None) -> int:
         help="6b: stream N x (512, 144) features to disk and run on them",
     )
     p.add_argument("--workdir", help="where the Zarr data go (default: a temporary folder)")
+    p.add_argument(
+        "--pass-rate",
+        action="store_true",
+        help="measure the Gram pass on in-memory rows against the GEMM rate (always on cuda)",
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the figures to FILE (JSON)")
     p.add_argument("--run-dfre", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.run_dfre:

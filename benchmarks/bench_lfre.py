@@ -28,6 +28,7 @@ second (one solve = one source→target pair at one test environment).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -94,6 +95,7 @@ def main(argv=None) -> int:
         help="Dask threads (default: the CPU count; 2 with --device cuda)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE", help="also write the figures to FILE (JSON)")
     args = p.parse_args(argv)
 
     import dask
@@ -131,6 +133,22 @@ def main(argv=None) -> int:
     result = lfre_matrix(features, selection, args.k, pairs=pairs, device=args.device)
     dfre_seconds = time.perf_counter() - started
     t = result.timings
+    figures = {
+        "n_envs": args.n_envs,
+        "dims": args.dims,
+        "k": args.k,
+        "pairs": pairs,
+        "n_test": n_test,
+        "device": args.device,
+        "seconds": dfre_seconds,
+        **t,
+        "knn_queries_per_s": t["knn_queries"] / max(t["knn_seconds"], 1e-9),
+        "ridge_neighbourhoods_per_s": t["ridge_solves"] / max(t["ridge_seconds"], 1e-9),
+        "matrix": result.matrix.tolist(),
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
     print(f"\ndfre: {dfre_seconds:.1f} s for {len(pairs)} pairs x {n_test} test environments")
     print(
         f"  kNN:         {t['knn_seconds']:.1f} s, {t['knn_queries']:.0f} queries, "

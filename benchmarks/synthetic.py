@@ -13,7 +13,11 @@ disk, bounded memory) give the same numbers for the same ``n`` and ``seed``.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 
 import numpy as np
 
@@ -74,22 +78,47 @@ class _Maps:
         return out, labels
 
 
+@functools.cache
+def _maps(dims: tuple[int, ...], seed: int) -> _Maps:
+    return _Maps(dims, seed)
+
+
+def _one_block(dims: tuple[int, ...], seed: int, k: int, rows: int):
+    """Block ``k`` (``rows`` rows), with one BLAS thread (blocks run in parallel)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _maps(dims, seed).block(rows, [seed, k])
+
+
 def iter_blocks(
-    n: int, dims: Sequence[int] = PAPER_DIMS, seed: int = 0
+    n: int, dims: Sequence[int] = PAPER_DIMS, seed: int = 0, processes: int | None = None
 ) -> Iterator[tuple[int, list[np.ndarray], np.ndarray]]:
-    """Yield ``(start_row, feature blocks, subset labels)`` block by block."""
-    maps = _Maps(dims, seed)
-    for k, start in enumerate(range(0, n, BLOCK_ROWS)):
-        rows = min(BLOCK_ROWS, n - start)
-        features, labels = maps.block(rows, [seed, k])
-        yield start, features, labels
+    """Yield ``(start_row, feature blocks, subset labels)`` block by block, in order.
+
+    Blocks are independent (seeded by their index), so ``processes`` processes (default:
+    one per core) make them in parallel; the numbers do not depend on it.
+    """
+    dims = tuple(int(d) for d in dims)
+    starts = list(range(0, n, BLOCK_ROWS))
+    jobs = [(dims, seed, k, min(BLOCK_ROWS, n - start)) for k, start in enumerate(starts)]
+    processes = min(processes or os.cpu_count() or 1, len(jobs))
+    if processes <= 1:
+        for start, job in zip(starts, jobs, strict=True):
+            yield (start, *_one_block(*job))
+        return
+    with ProcessPoolExecutor(processes, mp_context=get_context("fork")) as pool:
+        for start, (features, labels) in zip(
+            starts, pool.map(_one_block, *zip(*jobs, strict=True)), strict=True
+        ):
+            yield start, features, labels
 
 
 def synthetic_features(
-    n: int, dims: Sequence[int] = PAPER_DIMS, seed: int = 0
+    n: int, dims: Sequence[int] = PAPER_DIMS, seed: int = 0, processes: int | None = None
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """``n`` environments: one float32 (n, d) array per dim, and subset labels (n,) int8."""
-    parts = list(iter_blocks(n, dims, seed))
+    parts = list(iter_blocks(n, dims, seed, processes))
     features = [np.concatenate([p[1][i] for p in parts]) for i in range(len(dims))]
     return features, np.concatenate([p[2] for p in parts])
 
@@ -102,6 +131,7 @@ def write_synthetic_zarr(
     *,
     names: Sequence[str] | None = None,
     chunk_rows: int = 1 << 16,
+    processes: int | None = None,
 ) -> list[str]:
     """Stream the same data to a Zarr v3 group at ``path`` (arrays ``features/<name>``,
     ``labels``), uncompressed, holding only one block in memory. Returns the names."""
@@ -134,7 +164,7 @@ def write_synthetic_zarr(
         labels[start:stop] = np.concatenate([p[2] for p in pending])
         pending.clear()
 
-    for part in iter_blocks(n, dims, seed):
+    for part in iter_blocks(n, dims, seed, processes):
         pending.append(part)
         if sum(len(p[2]) for p in pending) == chunk_rows:
             flush()

@@ -145,6 +145,7 @@ def connect(
     dashboard_address: str | None = ":8787",
     quiet: bool = False,
     worker_timeout: float | None = 0.0,
+    rmm_pool_size: str | None = None,
 ) -> Client:
     """A :class:`distributed.Client` (made the default) for the cluster dfre should use.
 
@@ -158,6 +159,10 @@ def connect(
     a scheduler that has none: "waiting for workers" is printed, and a DfreError
     raised when none joined in time (an adaptive ``dfre cluster start --adapt``
     cluster starts workers on demand and is not waited for).
+    ``rmm_pool_size`` (e.g. ``"20GB"`` or ``0.8`` of the GPU) gives every worker of a
+    local dask-cuda cluster an RMM memory pool of that size, used by CuPy (see
+    :func:`rmm_options`); workers of a running cluster get theirs where they start
+    (``dask cuda worker --rmm-pool-size``).
     Close with :func:`disconnect`, which also stops a local cluster made here.
     """
     if scheduler and scheduler_file:
@@ -179,6 +184,12 @@ def connect(
         where = f"{address} (from {source})"
         hint = f"start that scheduler or unset {source} to use a local cluster"
 
+    if address and rmm_pool_size is not None:
+        raise DfreError(
+            f"--rmm-pool-size configures the workers of a local GPU cluster, but dfre connects "
+            f"to the scheduler at {where}: start its workers with `dask cuda worker "
+            "--rmm-pool-size SIZE` instead"
+        )
     if address:
         _require_tls_settings(str(address), where)
         try:
@@ -196,7 +207,7 @@ def connect(
             raise
     else:
         client = Client(
-            _local_cluster(gpu, n_workers, threads_per_worker, dashboard_address),
+            _local_cluster(gpu, n_workers, threads_per_worker, dashboard_address, rmm_pool_size),
             timeout=timeout,
         )
         client.register_plugin(QuietTaskErrors())
@@ -281,6 +292,7 @@ def _local_cluster(
     n_workers: int | None,
     threads_per_worker: int | None,
     dashboard_address: str | None,
+    rmm_pool_size: str | None = None,
 ) -> LocalCluster:
     if gpu:
         _require_local_gpu()
@@ -291,12 +303,56 @@ def _local_cluster(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker or 1,
             dashboard_address=dashboard_address,
+            **rmm_options(rmm_pool_size),
+        )
+    if rmm_pool_size is not None:
+        reason = "--no-gpu was given" if gpu is False else "this machine has no usable CUDA GPU"
+        raise DfreError(
+            f"--rmm-pool-size needs GPU workers, but {reason}: drop --rmm-pool-size or run "
+            "on a GPU node"
         )
     return LocalCluster(
         n_workers=n_workers,
         threads_per_worker=threads_per_worker,
         dashboard_address=dashboard_address,
     )
+
+
+def rmm_options(pool_size: str | float | None) -> dict:
+    """LocalCUDACluster keywords for an RMM pool of ``pool_size`` per worker ({} for None).
+
+    The pool is RMM's (``rmm_pool_size``) and CuPy allocates from it
+    (``rmm_allocator_external_lib_list=["cupy"]``): one pool reserved up front instead of
+    CuPy's own pool growing and fragmenting next to torch's. ``pool_size`` is a size such
+    as ``"20GB"`` or a fraction of the GPU's memory such as ``0.8``.
+    """
+    if pool_size is None:
+        return {}
+    from dask.utils import parse_bytes
+
+    try:  # a number: a fraction of the GPU up to 1, else bytes
+        size = float(pool_size)
+        size = size if size <= 1 else int(size)
+    except (TypeError, ValueError):
+        size = pool_size
+    try:
+        valid = (size if isinstance(size, float | int) else parse_bytes(size)) > 0
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise DfreError(
+            f"--rmm-pool-size {pool_size!r} is not a size: give bytes such as 20GB or a "
+            "fraction of the GPU memory such as 0.8"
+        )
+    if importlib.util.find_spec("rmm") is None:
+        raise DfreError(
+            "--rmm-pool-size needs RMM, which is not installed: pip install rmm-cu12 (or "
+            "rmm-cu13, matching CuPy), or drop --rmm-pool-size"
+        )
+    return {
+        "rmm_pool_size": size,
+        "rmm_allocator_external_lib_list": ["cupy"],
+    }
 
 
 def disconnect(client: Client) -> None:
@@ -369,6 +425,12 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         help="dashboard of the local cluster (default :8787, ':0' for any free port)",
     )
     g.add_argument(
+        "--rmm-pool-size",
+        metavar="SIZE",
+        help="RMM memory pool per GPU worker of the local dask-cuda cluster, used by CuPy "
+        "(e.g. 20GB, or 0.8 of the GPU; needs the rmm package)",
+    )
+    g.add_argument(
         "--performance-report",
         metavar="FILE",
         help="write Dask's HTML performance report of the run to FILE",
@@ -401,6 +463,7 @@ def client_from_args(
         timeout=getattr(args, "scheduler_timeout", DEFAULT_TIMEOUT),
         dashboard_address=getattr(args, "dashboard_address", ":8787"),
         worker_timeout=getattr(args, "worker_timeout", None) if wait_for_workers else 0.0,
+        rmm_pool_size=getattr(args, "rmm_pool_size", None),
     ) as client:
         if report:
             with performance_report(filename=report):

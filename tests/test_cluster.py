@@ -336,6 +336,24 @@ def test_gpu_requested_on_cpu_workers(dask_cluster):
         cluster.connect(dask_cluster[0], gpu=True, quiet=True)
 
 
+def test_rmm_pool_needs_a_local_gpu_cluster(capsys):
+    with pytest.raises(DfreError, match="--rmm-pool-size needs GPU workers, but --no-gpu"):
+        cluster.connect(gpu=False, rmm_pool_size="1GB", dashboard_address=":0")
+    with pytest.raises(DfreError, match="dask cuda worker --rmm-pool-size"):
+        cluster.connect("tcp://127.0.0.1:1", rmm_pool_size="1GB")
+    code = main(
+        ["cluster", "info", "--no-gpu", "--rmm-pool-size", "1GB", "--dashboard-address", ":0"]
+    )
+    assert code == 2
+    assert "--rmm-pool-size needs GPU workers" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("size", ["abc", "0", -2])
+def test_rmm_pool_size_must_be_a_size(size):
+    with pytest.raises(DfreError, match="is not a size: give bytes such as 20GB"):
+        cluster.rmm_options(size)
+
+
 def test_performance_report_in_missing_folder(tmp_path, capsys):
     report = tmp_path / "missing" / "report.html"
     assert main(["cluster", "info", "--performance-report", str(report)]) == 2

@@ -66,12 +66,14 @@ def assert_matches(result, ref_gfre, ref_alpha=None):
         np.testing.assert_array_equal(result.alpha[off], ref_alpha[off])
 
 
-@pytest.mark.parametrize("solver", ["gram", "tsqr"])
+@pytest.mark.parametrize("solver", ["auto", "gram", "tsqr"])
 def test_well_conditioned_matches_skmatter(solver):
     sets = correlated(1500, (12, 20, 9))
     train, test = split(1500, 200)
     result = gfre_matrix(sets, (train, test), solver=solver, pointwise=True)
     assert_matches(result, *reference(sets, train, test))
+    if solver == "auto":  # a well-conditioned spectrum keeps the fast normal equations
+        assert result.config["solver_used"] == "gram" and not result.config["exact_path_for"]
     np.testing.assert_array_equal(result.test_rows, test)
     assert result.pointwise.shape == (3, 3, 200)
     for a, b in [(0, 1), (2, 0)]:
@@ -82,7 +84,7 @@ def test_well_conditioned_matches_skmatter(solver):
         )
 
 
-@pytest.mark.parametrize("solver", ["gram", "tsqr"])
+@pytest.mark.parametrize("solver", ["auto", "gram", "tsqr"])
 def test_rank_deficient_source_matches_skmatter(solver):
     sets = correlated(1200, (16, 10), seed=3, rank=5)
     assert np.linalg.matrix_rank(sets[0]) == 5
@@ -103,9 +105,11 @@ def test_degenerate_ch4_manifold_matches_skmatter():
     sets = [data["SOAP_power_spectrum"], data["SOAP_bispectrum"]]
     train, test = split(162, 40)
     ref_gfre, ref_alpha = reference(sets, train, test)
-    result = gfre_matrix(sets, (train, test), solver="tsqr")
-    assert_matches(result, ref_gfre, ref_alpha)
-    assert result.matrix[0, 1] > result.matrix[1, 0]
+    for solver in ("tsqr", "auto"):
+        result = gfre_matrix(sets, (train, test), solver=solver)
+        assert_matches(result, ref_gfre, ref_alpha)
+        assert result.matrix[0, 1] > result.matrix[1, 0]
+    assert result.config["solver_used"] == "tsqr"  # auto: the spectra need the exact path
     # the default 50/50 split of skmatter, through the compatible function; there the
     # bispectrum reconstructs the power spectrum exactly up to rounding (skmatter: 5e-10)
     for x, y in [(sets[0], sets[1]), (sets[1], sets[0])]:

@@ -51,8 +51,13 @@ def test_gfre_store_writes_the_results_contract(feature_store):
     group = store.result("mine")
     attrs = dict(group.attrs)
     assert attrs["kind"] == "gfre" and attrs["names"] == NAMES
-    assert attrs["selection"] == "stratified:60" and attrs["config"]["solver"] == "gram"
+    assert attrs["selection"] == "stratified:60" and attrs["config"]["solver"] == "auto"
+    assert attrs["config"]["solver_used"] in ("gram", "tsqr")
+    assert set(attrs["config"]["diagnostics"]["feature_sets"]) == set(NAMES)
     assert "dfre_version" in attrs
+    for key in ("error", "tail_share", "median_error", "p95_error"):
+        assert group[key].shape == (3, 3) and np.isfinite(group[key][...]).all()
+    np.testing.assert_allclose(group["error"][...], result.error)
     matrix = group["matrix"][...]
     pointwise = group["pointwise"][...]
     test_rows = group["test_rows"][...]

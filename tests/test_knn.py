@@ -6,7 +6,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 from dfre.errors import DfreError
-from dfre.linalg.knn import knn, knn_partition, merge_neighbours
+from dfre.linalg.knn import knn, knn_partition, merge_neighbours, smallest_by_bisection
 
 
 def brute_force(queries, train, k):
@@ -81,6 +81,20 @@ def test_merge_keeps_the_best_k_in_order():
     dist, idx = merge_neighbours(a, b, 4)
     np.testing.assert_array_equal(idx, [[4, 1, 2, 3]])
     np.testing.assert_array_equal(dist, [[0.1, 0.5, 0.5, 0.6]])
+
+
+@pytest.mark.parametrize("k", [1, 5, 37, 200])
+def test_bisection_selects_the_k_smallest_with_ties_by_position(k):
+    """The GPU selection for large k (no sort) keeps exactly what a stable sort keeps:
+    negative and duplicated distances, -0.0 next to +0.0, huge and tiny magnitudes."""
+    rng = np.random.default_rng(k)
+    dist = rng.integers(-3, 6, size=(40, 300)).astype(np.float64)  # many exact ties
+    dist[:10] = rng.normal(size=(10, 300)) * 10.0 ** rng.integers(-300, 300, size=(10, 1))
+    dist[10, -150:] = -0.0  # equal to +0.0: earlier positions win
+    dist[11] = 0.0
+    cols = smallest_by_bisection(dist, k)
+    expected = np.sort(np.argsort(dist, axis=1, kind="stable")[:, :k], axis=1)
+    np.testing.assert_array_equal(cols, expected)
 
 
 def test_knn_on_a_distributed_cluster(data):

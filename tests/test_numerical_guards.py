@@ -3,9 +3,10 @@ rank-deficient feature sets and near-duplicate rows give finite results equal to
 scikit-matter's; a feature set without variance or with non-finite values is a clear
 error; the report of such results holds no NaN.
 
-Documented behaviour: the default ``gram`` solver (normal equations) resolves singular
-values down to about 1e-8 of the largest, so on a 1e16 dynamic range it differs from
-scikit-matter in the 5th digit; ``solver="tsqr"`` follows scikit-matter there.
+Documented behaviour: the ``gram`` solver (normal equations) resolves singular values
+down to about 1e-8 of the largest, so on a 1e16 dynamic range it differs from
+scikit-matter in the 5th digit; ``solver="tsqr"`` follows scikit-matter there, and so
+does the default ``"auto"``, which detects such spectra and takes the TSQR path.
 """
 
 from __future__ import annotations
@@ -49,11 +50,14 @@ def test_gfre_is_finite_and_equals_skmatter(data):
          for a in sets]
     )  # fmt: skip
     tsqr = gfre_matrix(sets, selection, solver="tsqr", pointwise=True)
-    gram = gfre_matrix(sets, selection, pointwise=True)
-    for result in (tsqr, gram):
+    gram = gfre_matrix(sets, selection, solver="gram", pointwise=True)
+    auto = gfre_matrix(sets, selection)
+    for result in (tsqr, gram, auto):
         assert np.isfinite(result.matrix).all() and np.isfinite(result.pointwise).all()
         assert np.isfinite(result.cka).all()
     np.testing.assert_allclose(tsqr.matrix, want, atol=1e-8)
+    np.testing.assert_allclose(auto.matrix, want, atol=1e-8)
+    assert auto.config["solver_used"] == "tsqr" and "X0" in auto.config["exact_path_for"]
     np.testing.assert_allclose(gram.matrix, want, atol=1e-4)
     np.testing.assert_allclose(gram.matrix[1:], want[1:], atol=1e-8)  # sources of modest range
 

@@ -74,22 +74,27 @@ def test_fit_equals_skmatter_and_skips_nan_rows():
     assert fitted.config == {"mixing": 0.5, "n_components": 2, "n_fit": 78}
 
 
-def test_cohesive_energy_recovers_references_and_is_least_squares():
+def test_cohesive_energy_is_the_papers_ridgecv_baseline():
+    from sklearn.linear_model import RidgeCV
+
     rng = np.random.default_rng(1)
     numbers = rng.choice([1, 8, 14], size=60)
     offsets = np.array([0, 4, 10, 17, 25, 31, 40, 52, 60])
     counts, elements = composition_counts(numbers, offsets)
     assert counts.sum() == 60 and list(elements) == [1, 8, 14]
-    exact = counts @ [REFERENCES[z] for z in elements]
-    cohesive, references = cohesive_energy_per_atom(exact, numbers, offsets)
-    assert references == pytest.approx(REFERENCES, abs=1e-10)
-    np.testing.assert_allclose(cohesive, 0.0, atol=1e-12)
+    exact = counts @ [REFERENCES[z] for z in elements] + 0.7
+    cohesive, references, intercept = cohesive_energy_per_atom(exact, numbers, offsets)
+    assert references == pytest.approx(REFERENCES, abs=1e-5)  # alpha 1e-8 wins the CV
+    assert intercept == pytest.approx(0.7, abs=1e-4)
+    np.testing.assert_allclose(cohesive, 0.0, atol=1e-5)  # the ridge bias of alpha 1e-8
     noisy = exact + rng.normal(size=8)
     noisy[2] = np.nan
-    cohesive, references = cohesive_energy_per_atom(noisy, numbers, offsets)
-    residual = cohesive * np.diff(offsets)
+    cohesive, references, intercept = cohesive_energy_per_atom(noisy, numbers, offsets)
     known = np.isfinite(noisy)
-    np.testing.assert_allclose(counts[known].T @ residual[known], 0.0, atol=1e-10)
+    ridge = RidgeCV(alphas=np.geomspace(1e-8, 1e2, 20)).fit(counts[known], noisy[known])
+    want = (noisy - ridge.predict(counts)) / np.diff(offsets)
+    np.testing.assert_allclose(cohesive[known], want[known], rtol=1e-12)
+    assert intercept == pytest.approx(ridge.intercept_)
     assert np.isnan(cohesive[2])
 
 
@@ -97,7 +102,7 @@ def test_pcovr_map_writes_results_and_projects_a_second_store(tmp_path):
     store_a, x_a, energy_a = make_store(tmp_path / "a.zarr", 40, seed=2)
     store_b, x_b, _ = make_store(tmp_path / "b.zarr", 15, seed=3)
     fitted = pcovr_map(store_a, "desc", project_into=[store_b])
-    cohesive_a, refs = cohesive_energy_per_atom(energy_a, store_a.numbers(), store_a.offsets)
+    cohesive_a, refs, _ = cohesive_energy_per_atom(energy_a, store_a.numbers(), store_a.offsets)
     reference = skmatter_map(x_a, cohesive_a)
 
     result_a = Store.open(tmp_path / "a.zarr").result("pcovr-desc")
@@ -162,6 +167,27 @@ def test_fit_on_a_random_subset_projects_every_structure(tmp_path):
     result = store.result("sub")
     fit_rows = result["fit_rows"][...]
     assert fit_rows.sum() == 15 and result.attrs["config"]["n_fit"] == 15
-    cohesive, _ = cohesive_energy_per_atom(energy, store.numbers(), store.offsets)
+    cohesive, _, _ = cohesive_energy_per_atom(energy, store.numbers(), store.offsets)
     expected = skmatter_map(x[fit_rows], cohesive[fit_rows])(x)
     np.testing.assert_allclose(result["coordinates"][...], expected, atol=1e-10)
+
+
+def test_outlier_removal_drops_isolation_forest_outliers_from_the_fit(tmp_path):
+    from sklearn.ensemble import IsolationForest
+
+    store, x, energy = make_store(tmp_path / "a.zarr", 60, seed=10)
+    x = x.copy()
+    x[11] = 40.0  # one structure far from all others
+    store.write_descriptor("odd", x)
+    pcovr_map(store, "odd", run="clean", remove_outliers=True)
+    result = store.result("clean")
+    scaled = StandardFlexibleScaler(column_wise=False).fit_transform(x)
+    flagged = IsolationForest(contamination=1e-4, random_state=42).fit_predict(scaled) == -1
+    np.testing.assert_array_equal(result["outliers"][...], flagged)
+    assert flagged[11] and result.attrs["config"]["n_outliers"] == int(flagged.sum())
+    fit_rows = result["fit_rows"][...]
+    assert not fit_rows[flagged].any() and fit_rows[~flagged].all()
+    cohesive, _, _ = cohesive_energy_per_atom(energy, store.numbers(), store.offsets)
+    expected = skmatter_map(x[~flagged], cohesive[~flagged])(x)  # still projected
+    np.testing.assert_allclose(result["coordinates"][...], expected, atol=1e-10)
+    assert result.attrs["config"]["target_units"] == "eV/atom"

@@ -29,6 +29,7 @@ models = ["chgnet-0.3.0"]
 name = "layers"
 metrics = ["gfre"]
 selection = "random:40"
+alpha_floor = "auto"
 
 [cumulants]
 order = 2
@@ -61,7 +62,10 @@ def test_study_end_to_end_with_chgnet_and_rerun(tmp_path, capsys):
     ]
     layers = store.result("gfre-layers")
     assert list(layers.attrs["names"]) == ["chgnet-0.3.0/bb", "chgnet-0.3.0/ll"]
-    assert np.isfinite(layers["matrix"][...]).all()
+    assert np.isfinite(layers["matrix"][...]).all() and np.isfinite(layers["error"][...]).all()
+    config = layers.attrs["config"]
+    assert config["solver"] == "auto" and config["alpha_floor"]["mode"] == "auto"
+    assert set(config["alpha_floor"]["relative"]) == set(layers.attrs["names"])
     assert (tmp_path / "report" / "index.html").read_text().count("data:image/png") >= 10
     data = json.loads((tmp_path / "map.json").read_text())
     assert len(data["structures"]) == store.n_structures
@@ -87,6 +91,8 @@ def test_study_end_to_end_with_chgnet_and_rerun(tmp_path, capsys):
         ('store = "s.zarr"\n[[compare]]\nmetrics = ["gfre"]\n', "[[compare]] number 1 needs name"),
         ('store = "s.zarr"\n[[compare]]\nname = "a"\nk = "all"\n', "k = 'all'; give a number"),
         ('store = "s.zarr"\n[compare]\nname = "a"\n', "write [[compare]]"),
+        ('store = "s.zarr"\n[[compare]]\nname = "a"\nsolver = "svd"\n', "solver = 'svd'; use"),
+        ('store = "s.zarr"\n[[compare]]\nname = "a"\nalpha_floor = 2.0\n', "alpha_floor = 2.0"),
         ("store = \n", "is not valid TOML"),
         ('store = "s.zarr"\n[report]\n', "does not exist and the study has no [dataset]"),
     ],

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
-
+from dfre.cli.results_text import (
+    add_alpha_floor_argument,
+    diagnostics_lines,
+    format_matrix,
+    result_json,
+)
 from dfre.cluster import add_cluster_arguments, client_from_args
 from dfre.lock import store_lock
-from dfre.metrics.gfre import DEFAULT_ALPHAS, gfre_store
+from dfre.metrics.gfre import DEFAULT_ALPHAS, SOLVERS, gfre_store
 
 
 def _alphas(text: str) -> tuple[float, ...]:
@@ -46,9 +50,10 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument(
         "--solver",
-        choices=("gram", "tsqr"),
-        default="gram",
-        help="gram: normal equations (fast); tsqr: QR tree for ill-conditioned features",
+        choices=SOLVERS,
+        default="auto",
+        help="auto (default): normal equations, plus the exact QR pass where a feature "
+        "set's spectrum needs it; gram: normal equations only; tsqr: QR tree only",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the selection")
     p.add_argument("--run", default="gfre", help="name of the result group (default gfre)")
@@ -76,18 +81,10 @@ def add_parser(subparsers) -> None:
         metavar="A,B,...",
         help="alphas tried by the 2-fold CV (default: 20 from 1e-9 to 0.9, skmatter's)",
     )
+    add_alpha_floor_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_cluster_arguments(p)
     p.set_defaults(handler=run)
-
-
-def format_matrix(names: list[str], matrix: np.ndarray) -> str:
-    """The matrix as text: one row per source, one column per target."""
-    width = max(10, *(len(n) for n in names))
-    lines = ["source \\ target".ljust(width) + "".join(n.rjust(width + 2) for n in names)]
-    for name, row in zip(names, matrix, strict=True):
-        lines.append(name.ljust(width) + "".join(f"{v:{width + 2}.4f}" for v in row))
-    return "\n".join(lines)
 
 
 def run(args) -> int:
@@ -116,6 +113,7 @@ def run(args) -> int:
             regularization_method=args.regularization,
             alpha_type=args.alpha_type,
             alphas=args.alphas,
+            alpha_floor=None if args.alpha_floor == "none" else args.alpha_floor,
         )
     if args.json:
         print(
@@ -128,6 +126,7 @@ def run(args) -> int:
                     "alpha": result.alpha.tolist(),
                     "cka": result.cka.tolist(),
                     "n_test": int(len(result.test_rows)),
+                    **result_json(result),
                 }
             )
         )
@@ -136,5 +135,7 @@ def run(args) -> int:
             f"GFRE (rows: source, columns: target), selection {args.selection}, "
             f"{len(result.test_rows)} test environments, results/{args.run} of {args.store}"
         )
-        print(format_matrix(result.names, result.matrix))
+        print(format_matrix(result.names, result.matrix, result.error))
+        for line in diagnostics_lines(result.config):
+            print(line)
     return 0

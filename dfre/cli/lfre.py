@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import json
 
+from dfre.cli.results_text import (
+    add_alpha_floor_argument,
+    diagnostics_lines,
+    format_matrix,
+    result_json,
+)
 from dfre.cluster import add_cluster_arguments, client_from_args
 from dfre.lock import store_lock
 
@@ -44,13 +50,13 @@ def add_parser(subparsers) -> None:
         choices=("subset", "element"),
         help="also print the RMSE per subset or per element of every pair",
     )
+    add_alpha_floor_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_cluster_arguments(p)
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    from dfre.cli.gfre import format_matrix
     from dfre.data.selection import selection_for_store
     from dfre.errors import DfreError
     from dfre.linalg.backend import gpu_available
@@ -77,6 +83,7 @@ def run(args) -> int:
             run=args.run,
             seed=args.seed,
             device=device,
+            alpha_floor=None if args.alpha_floor == "none" else args.alpha_floor,
         )
     table = breakdown(store, args.run, args.breakdown) if args.breakdown else None
     if args.json:
@@ -88,6 +95,7 @@ def run(args) -> int:
             "k": result.k.tolist(),
             "alpha": result.alpha.tolist(),
             "n_test": int(len(result.test_rows)),
+            **result_json(result),
         }
         if table is not None:
             out["breakdown"] = {"by": args.breakdown, "rows": table.to_dict(orient="records")}
@@ -97,7 +105,9 @@ def run(args) -> int:
         f"LFRE (rows: source, columns: target), selection {args.selection}, "
         f"{len(result.test_rows)} test environments, results/{args.run} of {args.store}"
     )
-    print(format_matrix(result.names, result.matrix))
+    print(format_matrix(result.names, result.matrix, result.error))
+    for line in diagnostics_lines(result.config):
+        print(line)
     if table is not None:
         print(f"\nRMSE per {args.breakdown}:")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

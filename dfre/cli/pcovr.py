@@ -36,6 +36,12 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the fitting subset")
     p.add_argument(
+        "--remove-outliers",
+        action="store_true",
+        help="drop the structures IsolationForest (contamination 1e-4, random_state 42, as "
+        "the paper's notebook) calls outliers from the fit; they are still projected",
+    )
+    p.add_argument(
         "--project",
         action="append",
         default=[],
@@ -72,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             project_into=others,
             max_fit=args.max_fit,
             seed=args.seed,
+            remove_outliers=args.remove_outliers,
         )
     run_name = args.run or f"pcovr-{args.descriptor}"
     print(

@@ -242,7 +242,9 @@ def cumulant_descriptor(
     order = check_order(order)
     offsets = check_offsets(offsets, features.shape[0])
     _notice_single_atoms(offsets, order)
-    x = features if isinstance(features, da.Array) else da.from_array(features, chunks=-1)
+    x = features
+    if not isinstance(x, da.Array):  # name=False: no hash of the data (two host copies on CuPy)
+        x = da.from_array(x, chunks=-1, asarray=False, name=False)
     if chunk_rows is None:
         native = isinstance(features, da.Array) and x.shape[0] > 0
         chunk_rows = x.chunks[0][0] if native else DEFAULT_CHUNK_ROWS
@@ -425,18 +427,26 @@ def structure_fre(
                 f"feature set {name} has {values.shape[0]} rows, the store has "
                 f"{n_structures} structures"
             )
-        valid &= np.asarray(da.isfinite(da.asarray(values)).all(axis=1).compute())
+        finite = da.isfinite(da.asarray(values)).all(axis=1)
+        # numpy inside the tasks: device (CuPy) rows come back as a host mask
+        valid &= finite.map_blocks(to_numpy, meta=np.empty((0,), dtype=bool)).compute()
     if isinstance(selection, str):
         codes = np.unique(np.asarray(store.subsets()).astype(str), return_inverse=True)[1]
         selection = make_selection(selection, n_structures, labels=codes, seed=seed, valid=valid)
+    from dfre.metrics.diagnostics import describe_rows
+
+    options = {
+        "describe": lambda rows: describe_rows(store, rows, level="structures"),
+        "row_name": "structures",
+    }
     if metric == "gfre":
         from dfre.metrics.gfre import gfre_matrix, write_result
 
-        result = gfre_matrix(dict(feature_sets), selection, pointwise=True)
+        result = gfre_matrix(dict(feature_sets), selection, pointwise=True, **options)
     else:
         from dfre.metrics.lfre import lfre_matrix, write_result
 
-        result = lfre_matrix(dict(feature_sets), selection, k)
+        result = lfre_matrix(dict(feature_sets), selection, k, **options)
     result.config.update({"level": "structure", "seed": seed, **(config or {})})
     write_result(store, run, result)
     return result
@@ -471,7 +481,10 @@ def cumulant_order_study(
 
     The feature sets are the prefixes :func:`cumulative_feature_sets` of the stored
     cumulant descriptor ``descriptor``; see :func:`structure_fre` for the other
-    arguments. Writes ``results/<run>`` (default ``<metric>-orders-<descriptor>``) with
+    arguments. LFRE neighbours ``k`` default to :math:`\\min(d, d')` per pair: the paper's
+    text states :math:`\\max(d, d')` for Fig. 8 while its analysis code uses the minimum
+    (``k="max"`` follows the text; :func:`dfre.metrics.lfre.k_matrix`). Writes
+    ``results/<run>`` (default ``<metric>-orders-<descriptor>``) with
     ``config["study"] = "cumulant-orders"``; returns the result.
     """
     phi, attrs = _complete_cumulants(store, descriptor)

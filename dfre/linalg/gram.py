@@ -104,10 +104,10 @@ def gram_part(z):
         return 0.0, xp.zeros(d), xp.zeros((d, d))
     mean = z.mean(axis=0)
     c = z - mean
-    return float(n), mean, _crossproduct(c)
+    return float(n), mean, crossproduct(c)
 
 
-def _crossproduct(c):
+def crossproduct(c):
     """:math:`C^T C`; on the CPU with BLAS ``dsyrk`` (half the flops of a GEMM)."""
     if array_module(c) is not np:
         return c.T @ c
@@ -172,18 +172,18 @@ def _chunk_statistics(block, labels, n_values, kind, shift) -> GroupStatistics:
                     z -= xp.asarray(shift)
                 acc = merge(acc, part(z))
             results.append(acc)
-    for _, mean, _ in results:  # a non-finite value makes its column's mean non-finite
-        if not bool(xp.isfinite(mean).all()):
-            z = block[xp.asarray(used)]
-            nonfinite += (~xp.isfinite(z)).sum(axis=0)
-            break
+    # a non-finite value makes its column's mean non-finite (one check per chunk: one
+    # device synchronisation on a GPU)
+    if not bool(xp.isfinite(xp.stack([mean for _, mean, _ in results])).all()):
+        z = block[xp.asarray(used)]
+        nonfinite += (~xp.isfinite(z)).sum(axis=0)
     stats = _stack(kind, results, nonfinite, xp)
     stats.shift = shift
     return stats
 
 
 def _stack(kind, results, nonfinite, xp) -> GroupStatistics:
-    count = xp.asarray([r[0] for r in results], dtype=np.float64)
+    count = np.asarray([r[0] for r in results], dtype=np.float64)  # host: read per merge
     mean = xp.stack([r[1] for r in results])
     d = mean.shape[1]
     seconds = [r[2] for r in results]
@@ -249,8 +249,9 @@ def group_statistics(
     fan_in = int(min(TREE_FAN_IN, max(2, MERGE_BUDGET_BYTES // result_bytes)))
     while len(parts) > 1:
         parts = [merge(*parts[i : i + fan_in]) for i in range(0, len(parts), fan_in)]
-    (result,) = compute(parts[0])
-    return result.to_numpy()
+    # converted to numpy in the last task: a client without CuPy never receives CuPy arrays
+    (result,) = compute(dask.delayed(GroupStatistics.to_numpy, pure=True)(parts[0]))
+    return result
 
 
 def _shift_row(block, row: int) -> np.ndarray:

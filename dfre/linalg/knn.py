@@ -37,7 +37,7 @@ import dask.array as da
 import numpy as np
 
 from dfre.errors import DfreError
-from dfre.linalg.backend import array_module
+from dfre.linalg.backend import array_module, stable_argsort
 from dfre.linalg.scaling import scale_rows
 
 #: Largest number of train rows per GEMM tile (bounds the tile to tile_rows x query rows).
@@ -45,6 +45,8 @@ DEFAULT_TILE_ROWS = 8192
 #: Query rows per task of :func:`knn`.
 DEFAULT_QUERY_BLOCK = 2048
 EPS = float(np.finfo(np.float64).eps)
+#: Largest k that CuPy's ``argpartition`` selects without sorting the whole row.
+CUPY_PARTITION_MAX_K = 512
 
 
 @functools.cache
@@ -62,7 +64,7 @@ def single_threaded_blas():
 def _first_k_by_distance(dist, idx, k: int):
     """The first ``k`` of every row by a stable sort on distance (ties keep their order)."""
     xp = array_module(dist)
-    order = xp.argsort(dist, axis=1, kind="stable")[:, :k]
+    order = stable_argsort(dist, axis=1)[:, :k]
     return xp.take_along_axis(dist, order, axis=1), xp.take_along_axis(idx, order, axis=1)
 
 
@@ -87,14 +89,53 @@ def _smallest_in_tile(dist, k: int):
     n_cols = dist.shape[1]
     if n_cols <= k:
         return xp.broadcast_to(xp.arange(n_cols), dist.shape).copy()
+    if xp is not np and k > CUPY_PARTITION_MAX_K:  # CuPy would sort every row in full
+        return smallest_by_bisection(dist, k)
     part = xp.argpartition(dist, k - 1, axis=1)[:, :k]
     kth = xp.take_along_axis(dist, part, axis=1).max(axis=1)
     # argpartition picks arbitrary members of a tie at the k-th distance: redo those rows
     # with a stable sort so the lowest positions win.
     tied = xp.nonzero((dist <= kth[:, None]).sum(axis=1) > k)[0]
     if len(tied):
-        part[tied] = xp.argsort(dist[tied], axis=1, kind="stable")[:, :k]
+        part[tied] = stable_argsort(dist[tied], axis=1)[:, :k]
     return part
+
+
+def _ordered_keys(values):
+    """int64 keys with the order of the float64 ``values`` (no NaN): the IEEE bit pattern,
+    with the non-sign bits of negative numbers flipped (-0.0 first made +0.0)."""
+    xp = array_module(values)
+    bits = xp.ascontiguousarray(values + 0.0, dtype=xp.float64).view(xp.int64)
+    return xp.where(bits < 0, bits ^ np.int64(0x7FFFFFFFFFFFFFFF), bits)
+
+
+def smallest_by_bisection(dist, k: int):
+    """Column positions (ascending) of the ``k`` smallest entries of each row, ties at the
+    k-th smallest value taken by position, without a sort (one host synchronisation, the
+    final ``nonzero``).
+
+    The k-th smallest key of every row is found by bisection on the int64 keys of
+    :func:`_ordered_keys` (64 steps, each one comparison and one count per entry): the
+    smallest key ``t`` with ``#{key <= t} >= k``. The row keeps every entry below ``t`` and
+    the first ``k - #{key < t}`` entries equal to ``t``. Used on GPUs for k above what
+    CuPy's ``argpartition`` selects without a full sort; equal to :func:`_smallest_in_tile`.
+    """
+    xp = array_module(dist)
+    keys = _ordered_keys(dist)
+    n_rows = keys.shape[0]
+    lo = keys.min(axis=1) - 1  # #{key <= lo} = 0 < k
+    hi = keys.max(axis=1)  # #{key <= hi} = all >= k
+    for _ in range(64):  # hi - lo <= 2**64 halves every step down to hi = lo + 1
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2), no overflow
+        enough = (keys <= mid[:, None]).sum(axis=1) >= k
+        hi = xp.where(enough, mid, hi)
+        lo = xp.where(enough, lo, mid)
+    below = keys < hi[:, None]
+    at = keys == hi[:, None]
+    room = k - below.sum(axis=1)
+    keep = below | (at & (xp.cumsum(at, axis=1) <= room[:, None]))
+    cols = xp.nonzero(keep)[1]  # row by row, k per row, ascending positions
+    return cols.reshape(n_rows, k)
 
 
 def _closer_than(h, query_sq, kth, col_offset: int):
@@ -103,18 +144,20 @@ def _closer_than(h, query_sq, kth, col_offset: int):
     ``h`` holds :math:`q_i \\cdot t_j - |t_j|^2/2`, so :math:`d_{ij} = |q_i|^2 - 2h_{ij}`
     and :math:`d_{ij} < kth_i` needs :math:`h_{ij} > (|q_i|^2 - kth_i)/2`: one comparison
     per entry; a margin of a few ulps admits every entry whose rounded :math:`d_{ij}` may
-    fall below :math:`kth_i`, and :math:`d_{ij}` itself decides for those. Returns
-    ``(dist, idx)`` padded to the longest row with ``inf`` distances (never kept), or
-    ``None`` when no row has any.
+    fall below :math:`kth_i`, and :math:`d_{ij}` itself decides for those (the others get
+    an ``inf`` distance). Returns ``(dist, idx)`` padded to the longest row with ``inf``
+    distances (never kept), or ``None`` when no entry passes the margin. Three host
+    synchronisations per call on a GPU (``nonzero``, ``bincount`` and the longest row).
     """
     xp = array_module(h)
     cut = 0.5 * (query_sq - kth) - 4.0 * EPS * (xp.abs(query_sq) + xp.abs(kth))
     rows, cols = xp.nonzero(h > cut[:, None])
-    dist = query_sq[rows] - 2.0 * h[rows, cols]
-    closer = dist < kth[rows]
-    rows, cols, dist = rows[closer], cols[closer], dist[closer]
     if len(rows) == 0:
         return None
+    dist = query_sq[rows] - 2.0 * h[rows, cols]
+    # an entry past the margin but not closer gets an inf distance (never kept) instead of
+    # being dropped: compacting the lists costs a device synchronisation per mask on a GPU
+    dist = xp.where(dist < kth[rows], dist, xp.inf)
     counts = xp.bincount(rows, minlength=h.shape[0])
     width = int(counts.max())
     position = xp.arange(len(rows)) - (xp.cumsum(counts) - counts)[rows]
@@ -197,7 +240,8 @@ def _as_dask(x: Any, name: str, chunk_rows: int) -> da.Array:
     x = x if hasattr(x, "ndim") else np.asarray(x)
     if x.ndim != 2:
         raise DfreError(f"{name} must be a 2-d array (rows x features), got shape {x.shape}")
-    return da.from_array(x, chunks=(chunk_rows, x.shape[1]))
+    # name=False: no hash of the data for a graph key (for CuPy that is two host copies)
+    return da.from_array(x, chunks=(chunk_rows, x.shape[1]), asarray=False, name=False)
 
 
 def knn_graph(

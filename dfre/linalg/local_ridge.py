@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import KFold
 
-from dfre.linalg.backend import array_module
+from dfre.linalg.backend import array_module, solve_positive_definite, thin_svd
 
 try:  # numpy's batched Cholesky gufunc: a failed factor comes back as NaN, no exception
     from numpy.linalg._umath_linalg import cholesky_lo as _cholesky_gufunc
@@ -176,17 +176,20 @@ def _direction_scores(a, b, s, denom, y_held, thresholds, rcond, groups):
     return scores
 
 
-def _best_alpha(a12, b1, s1, d1, a21, b2, s2, d2, y1, y2, alphas, rcond, groups):
+def _best_alpha(a12, b1, s1, d1, a21, b2, s2, d2, y1, y2, alphas, rcond, groups, floor):
     """Index of the first best alpha (T, batch), its threshold (T, batch) and all the
-    scaled thresholds (batch, n_alphas), for the T targets side by side in ``groups``."""
+    scaled thresholds (batch, n_alphas), for the T targets side by side in ``groups``.
+    ``floor`` (batch,) or None: no threshold below it (the noise-aware option)."""
     xp = array_module(a12)
     scale = xp.maximum(xp.maximum(s1.max(axis=1), s2.max(axis=1)), 0.0)
     thresholds = scale[:, None] * xp.asarray(alphas)[None, :]
+    if floor is not None:
+        thresholds = xp.maximum(thresholds, floor[:, None])
     score12 = _direction_scores(a12, b1, s1, d1, y2, thresholds, rcond, groups)
     score21 = _direction_scores(a21, b2, s2, d2, y1, thresholds, rcond, groups)
     best = xp.argmax((score12 + score21) / 2, axis=2)
     chosen = xp.stack([xp.take_along_axis(thresholds, bt[:, None], axis=1)[:, 0] for bt in best])
-    return best, chosen, thresholds
+    return best, chosen, thresholds, scale
 
 
 def _side_by_side(ycs):
@@ -208,10 +211,13 @@ def _unreliable(lam, threshold, k):
 
 
 def _ones_reflector(k: int, xp):
-    """Householder vector w and factor c of H = I - c w w^T, H (1, ..., 1)/sqrt(k) = e_1."""
-    w = xp.full(k, 1.0 / np.sqrt(k))
+    """Householder vector w and factor c of H = I - c w w^T, H (1, ..., 1)/sqrt(k) = e_1.
+
+    Made on the host (c needs no device synchronisation) and moved to ``xp``.
+    """
+    w = np.full(k, 1.0 / np.sqrt(k))
     w[0] -= 1.0
-    return w, 2.0 / float(w @ w)
+    return xp.asarray(w), 2.0 / float(w @ w)
 
 
 def _reflect_kernel(kern):
@@ -287,7 +293,7 @@ def _refit(kr, kq_r, thresholds, all_kept_likely, d, k, top):
         shifted = kr[tried] - floor[:, None, None] * xp.eye(size)[None]
         solved = tried[_cholesky_succeeds(shifted)]
         if len(solved):
-            g = xp.linalg.solve(kr[solved], kq_r[solved][:, :, None])[:, :, 0]
+            g = solve_positive_definite(kr[solved], kq_r[solved][:, :, None])[:, :, 0]
             for coef in coefs:
                 coef[solved] = g
             need_vectors[solved] = False
@@ -304,7 +310,7 @@ def _refit(kr, kq_r, thresholds, all_kept_likely, d, k, top):
     return coefs, unreliable
 
 
-def _kernel_path(xc, ycs, q, n1, alphas, rcond):
+def _kernel_path(xc, ycs, q, n1, alphas, rcond, floor):
     """Kernel (eigh) solution for every target; also flags items that need the SVD path.
 
     The rows are in fold order: fold 1 is ``[:n1]``, fold 2 ``[n1:]``.
@@ -321,8 +327,8 @@ def _kernel_path(xc, ycs, q, n1, alphas, rcond):
     y_all, groups = _side_by_side(ycs)
     y1, y2 = y_all[:, f1], y_all[:, f2]
     b1, b2 = u1.transpose(0, 2, 1) @ y1, u2.transpose(0, 2, 1) @ y2
-    bests, chosen, thresholds = _best_alpha(
-        a12, b1, s1, lam1, a21, b2, s2, lam2, y1, y2, alphas, rcond, groups
+    bests, chosen, thresholds, scale = _best_alpha(
+        a12, b1, s1, lam1, a21, b2, s2, lam2, y1, y2, alphas, rcond, groups, floor
     )
     smallest = xp.maximum(thresholds.min(axis=1), rcond)
     # The centred rows sum to zero: the ones direction is an exact null vector of the
@@ -338,28 +344,36 @@ def _kernel_path(xc, ycs, q, n1, alphas, rcond):
     coefs, redo = _refit(_reflect_kernel(kern), kq_r, chosen, all_kept_likely, d, k, top)
     predictions = [_vector_times(_unreflect(g), yc) for g, yc in zip(coefs, ycs, strict=True)]
     redo |= _unreliable(lam1, smallest, k) | _unreliable(lam2, smallest, k)
-    return predictions, list(bests), redo
+    return predictions, list(bests), redo, _relative(chosen, scale)
 
 
-def _svd_path(xc, ycs, q, n1, alphas, rcond):
+def _svd_path(xc, ycs, q, n1, alphas, rcond, floor):
     """scikit-matter's SVD solution for every target (batched; rows in fold order)."""
     xp = array_module(xc)
     x1, x2 = xc[:, :n1], xc[:, n1:]
-    u1, s1, v1t = xp.linalg.svd(x1, full_matrices=False)
-    u2, s2, v2t = xp.linalg.svd(x2, full_matrices=False)
+    u1, s1, v1t = thin_svd(x1)
+    u2, s2, v2t = thin_svd(x2)
     a12, a21 = x2 @ v1t.transpose(0, 2, 1), x1 @ v2t.transpose(0, 2, 1)
-    u, s, vt = xp.linalg.svd(xc, full_matrices=False)
+    u, s, vt = thin_svd(xc)
     q_v = _vector_times(q, vt.transpose(0, 2, 1))
     inverse = 1.0 / xp.where(s > 0, s, 1.0)
     y_all, groups = _side_by_side(ycs)
     y1, y2 = y_all[:, :n1], y_all[:, n1:]
     b1, b2 = u1.transpose(0, 2, 1) @ y1, u2.transpose(0, 2, 1) @ y2
-    bests, chosen, _ = _best_alpha(a12, b1, s1, s1, a21, b2, s2, s2, y1, y2, alphas, rcond, groups)
+    bests, chosen, _, scale = _best_alpha(
+        a12, b1, s1, s1, a21, b2, s2, s2, y1, y2, alphas, rcond, groups, floor
+    )
     predictions = []
     for yc, threshold in zip(ycs, chosen, strict=True):
         coef = q_v * xp.where(s > threshold[:, None], inverse, 0.0)
         predictions.append(_vector_times(_vector_times(coef, u.transpose(0, 2, 1)), yc))
-    return predictions, list(bests)
+    return predictions, list(bests), _relative(chosen, scale)
+
+
+def _relative(chosen, scale):
+    """Chosen thresholds (T, b) relative to the scale of the alphas, max(s_1, s_2) (b,)."""
+    xp = array_module(chosen)
+    return chosen / xp.where(scale > 0, scale, 1.0)[None, :]
 
 
 def local_ridge(
@@ -370,6 +384,7 @@ def local_ridge(
     *,
     method: str = "auto",
     fold_ordered: bool = False,
+    floor=None,
 ):
     """Local ridge predictions of one or several targets for a batch of queries.
 
@@ -380,8 +395,11 @@ def local_ridge(
     the kernel is not accurate enough), ``"svd"`` or ``"kernel"`` (no fallback; for
     measurements only). ``fold_ordered`` says the k neighbours are already given in fold
     order (the positions of :func:`fold_positions` fold 1, then fold 2), as a caller
-    gathering them can arrange for free. Returns a :class:`LocalRidgeResult` per target (a
-    list when a list was given) whose ``prediction`` is :math:`\\bar y + (x - \\bar x) P`.
+    gathering them can arrange for free. ``floor`` (b,) is an optional smallest cutoff per
+    neighbourhood (in singular-value units of the scaled rows): no threshold of the alpha
+    grid goes below it, and the reported alpha is then the effective relative cutoff.
+    Returns a :class:`LocalRidgeResult` per target (a list when a list was given) whose
+    ``prediction`` is :math:`\\bar y + (x - \\bar x) P`.
     """
     several = isinstance(y_neighbours, list | tuple)
     ys = list(y_neighbours) if several else [y_neighbours]
@@ -404,22 +422,34 @@ def local_ridge(
     ycs = [y - ym[:, None] for y, ym in zip(ys, yms, strict=True)]
     q = xp.asarray(x_query, dtype=xp.float64) - xm
     rcond = max(k, d) * EPS
+    floor = None if floor is None else xp.asarray(floor, dtype=xp.float64)
     if method == "svd":
-        centred, bests = _svd_path(xc, ycs, q, n1, alphas, rcond)
+        centred, bests, chosen = _svd_path(xc, ycs, q, n1, alphas, rcond, floor)
         n_exact = n_batch
     else:
-        centred, bests, redo = _kernel_path(xc, ycs, q, n1, alphas, rcond)
+        centred, bests, redo, chosen = _kernel_path(xc, ycs, q, n1, alphas, rcond, floor)
         redo = xp.nonzero(redo)[0] if method == "auto" else redo[:0]
         n_exact = int(len(redo))
         if n_exact:
-            exact, exact_best = _svd_path(
-                xc[redo], [yc[redo] for yc in ycs], q[redo], n1, alphas, rcond
+            exact, exact_best, exact_chosen = _svd_path(
+                xc[redo],
+                [yc[redo] for yc in ycs],
+                q[redo],
+                n1,
+                alphas,
+                rcond,
+                None if floor is None else floor[redo],
             )
             for t in range(len(ycs)):
                 centred[t][redo], bests[t][redo] = exact[t], exact_best[t]
+                chosen[t][redo] = exact_chosen[t]
     alphas_xp = xp.asarray(alphas)
+    if floor is None:
+        chosen_alphas = [alphas_xp[best] for best in bests]
+    else:  # the effective relative cutoff: threshold / max singular value of the folds
+        chosen_alphas = list(chosen)
     results = [
-        LocalRidgeResult(ym + c, alphas_xp[best], n_exact)
-        for ym, c, best in zip(yms, centred, bests, strict=True)
+        LocalRidgeResult(ym + c, alpha, n_exact)
+        for ym, c, alpha in zip(yms, centred, chosen_alphas, strict=True)
     ]
     return results if several else results[0]

@@ -19,17 +19,23 @@ cross-validation, refit and test error then follow exactly from those statistics
 (:mod:`dfre.linalg.ridge`). Optional pointwise errors take a second pass over the test
 rows only, once the weights are known.
 
-Solvers: ``"gram"`` (default) accumulates centred Gram matrices (normal equations). Their
-rounding errors are of order :math:`\\epsilon\\, s_{max}^2`, so singular values of a feature
-set below about :math:`\\sqrt{D\\epsilon}\\, s_{max} \\approx 5\\cdot 10^{-7} s_{max}` (D the
-total number of columns) cannot be resolved and are treated as zero. It matches skmatter
-whenever the chosen cutoff does not fall among such singular values: well-conditioned or
-exactly rank-deficient features, and every relative alpha above about
-:math:`10^{-6}`. ``"tsqr"`` keeps triangular QR factors instead (more flops, measured
-3–10x slower per row on CPU, still one pass) and reproduces skmatter's SVD path to working
-precision: use it for ill-conditioned or nearly degenerate features (singular values
-spread over more than six decades, e.g. skmatter's degenerate CH4 manifold), or when
-GFREs are near zero.
+Solvers. ``"gram"`` accumulates centred Gram matrices (normal equations). Their rounding
+errors are of order :math:`\\epsilon\\, s_{max}^2`, so a ridge map fitted from them matches
+the SVD path (skmatter's) only while the kept singular values stay well above
+:math:`\\sqrt{d\\epsilon}\\, s_{max}`. ``"tsqr"`` keeps triangular QR factors instead (about
+3x the time per row on CPU, still one pass) and reproduces skmatter's SVD path to working
+precision. ``"auto"`` (the default) makes the Gram pass, reads every source set's
+spectrum from it (:mod:`dfre.linalg.spectrum`) and, when one reaches below
+:data:`~dfre.linalg.spectrum.GRAM_RESOLVED` of its largest singular value while the cutoff
+grid reaches there too -- the last-layer features of real models do, their spectra decay
+to :math:`10^{-10}` -- makes the exact TSQR pass as well and fits every pair from it.
+The result's ``config`` says which path was taken and for which sets.
+
+Every result carries error bars (:mod:`dfre.metrics.uncertainty`: bootstrap over the
+test environments) and diagnostics (:mod:`dfre.metrics.diagnostics`: spectra of the
+feature sets, tail shares, flags, sanity warnings). ``alpha_floor="auto"`` is an opt-in
+noise-aware variant of skmatter's protocol: no cutoff below the storage noise floor of
+the source features.
 """
 
 from __future__ import annotations
@@ -55,7 +61,10 @@ from dfre.linalg.ridge import (
     ridge_2fold_cv,
 )
 from dfre.linalg.scaling import FlexibleScaling, flexible_scaling, scaled_factor
+from dfre.linalg.spectrum import SetSpectrum, set_spectra
 from dfre.lock import writes_store
+from dfre.metrics.diagnostics import Diagnostics, describe_rows, diagnose, selection_warnings
+from dfre.metrics.uncertainty import bootstrap_standard_error, uncertainty_arrays
 
 #: skmatter's defaults for the reconstruction measures.
 DEFAULT_ALPHAS = tuple(np.geomspace(1e-9, 0.9, 20))
@@ -64,6 +73,7 @@ DEFAULT_CHUNK_ROWS = 1 << 15
 
 FOLD1, FOLD2, TEST = 0, 1, 2
 GROUPS_PER_FOLD = 3
+SOLVERS = ("auto", "gram", "tsqr")
 
 
 @dataclass
@@ -80,6 +90,9 @@ class GfreResult:
     pointwise_distortion: np.ndarray | None = None
     config: dict = field(default_factory=dict)
     selection: Any = None
+    error: np.ndarray | None = None  # (M, M) bootstrap standard error of ``matrix``
+    diagnostics: Diagnostics | None = None
+    spectra: list[SetSpectrum] | None = None
 
 
 @dataclass
@@ -104,7 +117,8 @@ def as_dask(x: Any, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> da.Array:
         raise DfreError(f"features must be 2-D (rows, features), got shape {x.shape}")
     if isinstance(x, da.Array):
         return x
-    return da.from_array(x, chunks=(chunk_rows, -1), asarray=False)
+    # name=False: no hash of the data for a graph key (for CuPy that is two host copies)
+    return da.from_array(x, chunks=(chunk_rows, -1), asarray=False, name=False)
 
 
 def feature_arrays(
@@ -201,7 +215,10 @@ def _check_finite(stats: GroupStatistics, names, slices) -> None:
             )
 
 
-def _fit_fold(stats, k, names, slices, settings, pairs, dist_pairs, solver) -> _FoldModel:
+def _fit_fold(stats, k, names, slices, settings, pairs, dist_pairs) -> _FoldModel:
+    """Scaling, ridge maps and test residuals of selection fold ``k``; ``settings`` maps
+    each source index to its :class:`RidgeSettings`."""
+    solver = stats.kind
     base = GROUPS_PER_FOLD * k
     train = stats.union([base + FOLD1, base + FOLD2])
     n_train, mean_train, second_train = train.group(0)
@@ -226,7 +243,7 @@ def _fit_fold(stats, k, names, slices, settings, pairs, dist_pairs, solver) -> _
             FoldData(f.matrix[:, sa], f.matrix[:, sb], f.count, svd)
             for f, svd in zip((f1, f2, ftr), svds[a], strict=True)
         ]
-        fit = ridge_2fold_cv(*data, int(n_train), settings)
+        fit = ridge_2fold_cv(*data, int(n_train), settings[a])
         xt = fte.matrix[:, sa]
         model.weights[a, b] = fit.weights
         model.alpha[a, b] = fit.alpha
@@ -317,6 +334,57 @@ def _pointwise_pass(Z, labels, models, slices, pairs, n_sets, dist_pairs):
     return pw, pd
 
 
+# ---------------------------------------------------------------------- choices
+def _alpha_floors(alpha_floor, spectra, settings: RidgeSettings, sources) -> dict[int, float]:
+    """Relative cutoff floor per source: none, the storage noise floor, or a number."""
+    if alpha_floor is None or alpha_floor == "none":
+        return {}
+    if settings.alpha_type != "relative" or settings.regularization_method != "cutoff":
+        raise DfreError(
+            "an alpha floor applies to relative cutoff alphas (the default settings): drop "
+            "the floor or use --alpha-type relative --regularization cutoff"
+        )
+    if alpha_floor == "auto":
+        floors = {a: spectra[a].noise_ratio for a in sources}
+    else:
+        try:
+            value = float(alpha_floor)
+        except (TypeError, ValueError):
+            raise DfreError(
+                f"alpha floor {alpha_floor!r}: give 'auto', 'none' or a relative cutoff in [0, 1)"
+            ) from None
+        if not 0 <= value < 1:
+            raise DfreError(f"alpha floor {value}: a relative cutoff lies in [0, 1)")
+        floors = dict.fromkeys(sources, value)
+    top = max(settings.alphas)
+    return {a: float(min(f, top)) for a, f in floors.items()}
+
+
+def _source_settings(settings: RidgeSettings, floors: dict[int, float], sources):
+    """The settings of every source, its alphas raised to its floor (if any)."""
+    out = {}
+    for a in sources:
+        if a in floors:
+            alphas = tuple(float(max(al, floors[a])) for al in settings.alphas)
+            out[a] = RidgeSettings(
+                alphas, settings.alpha_type, settings.regularization_method, settings.scoring
+            )
+        else:
+            out[a] = settings
+    return out
+
+
+def _unresolved(spectra, settings: dict, sources) -> list[int]:
+    """Sources whose spectrum the Gram pass cannot resolve as deep as their cutoffs go."""
+    out = []
+    for a in sources:
+        st = settings[a]
+        relative_cutoff = st.alpha_type == "relative" and st.regularization_method == "cutoff"
+        if not spectra[a].resolved(min(st.alphas) if relative_cutoff else None):
+            out.append(a)
+    return out
+
+
 # ---------------------------------------------------------------------- public API
 def gfre_matrix(
     features: Mapping[str, Any] | Sequence[Any],
@@ -324,16 +392,19 @@ def gfre_matrix(
     *,
     names: Sequence[str] | None = None,
     store: Any = None,
-    solver: str = "gram",
+    solver: str = "auto",
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     alpha_type: str = "relative",
     regularization_method: str = "cutoff",
     scoring: str = "neg_root_mean_squared_error",
     random_state: int | None = RANDOM_STATE,
     shuffle: bool = True,
-    pointwise: bool = False,
+    pointwise: bool = True,
     distortion: bool = False,
     pairs: Sequence[tuple[int, int]] | None = None,
+    alpha_floor: str | float | None = None,
+    describe: Any = None,
+    row_name: str = "environments",
 ) -> GfreResult:
     """GFRE of every source→target pair of ``features`` from one pass over the rows.
 
@@ -343,20 +414,28 @@ def gfre_matrix(
         name→array mapping, or feature-set names of ``store``.
     selection : a :class:`dfre.data.selection.Selection` (one or K folds) or a
         ``(train_rows, test_rows)`` pair.
-    solver : ``"gram"`` (normal equations, default) or ``"tsqr"`` (QR tree, for
-        ill-conditioned features; see the module docstring).
+    solver : ``"auto"`` (default: Gram pass, plus the exact TSQR pass when a source's
+        spectrum needs it), ``"gram"`` (normal equations only) or ``"tsqr"`` (QR tree
+        only); see the module docstring.
     alphas, alpha_type, regularization_method, scoring, random_state, shuffle :
         the settings of skmatter's ``Ridge2FoldCV`` (defaults = skmatter's GFRE).
-    pointwise : also compute per-environment error norms (second pass over the test
-        rows); the matrix is then ``sqrt(mean(pointwise**2))`` over all test rows.
+    pointwise : per-environment error norms (default; a second pass over the test rows
+        only), from which the error bars and tail diagnostics come; the matrix is then
+        ``sqrt(mean(pointwise**2))`` over all test rows.
     distortion : also compute the GFRD (skmatter's global reconstruction distortion) of
         the pairs whose target is at least as wide as the source.
     pairs : restrict to these (source, target) index pairs (default: all M×M).
+    alpha_floor : ``None`` (skmatter's grid, the paper's protocol), ``"auto"`` (no relative
+        cutoff below the source's storage noise floor, :mod:`dfre.linalg.spectrum`) or a
+        relative cutoff every alpha is raised to.
+    describe : ``describe(rows)`` → a dict per row naming the environment (structure,
+        atom, element, subset), used for the diagnostics of flagged entries.
+    row_name : what a row is, in the sanity warnings (``"structures"`` for descriptors).
 
     Returns a :class:`GfreResult`; entries of pairs not computed are NaN.
     """
-    if solver not in ("gram", "tsqr"):
-        raise DfreError(f"unknown solver '{solver}': use 'gram' or 'tsqr'")
+    if solver not in SOLVERS:
+        raise DfreError(f"unknown solver '{solver}': use one of {', '.join(SOLVERS)}")
     settings = RidgeSettings(
         tuple(float(a) for a in alphas), alpha_type, regularization_method, scoring
     )
@@ -367,16 +446,31 @@ def gfre_matrix(
     slices = [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
     m = len(arrays)
     pairs = [(a, b) for a in range(m) for b in range(m)] if pairs is None else list(pairs)
+    sources = sorted({a for a, _ in pairs})
     dist_pairs = [(a, b) for a, b in pairs if dims[b] >= dims[a]] if distortion else []
     folds = _folds_of(selection)
     labels = fold_labels(folds, n_rows, random_state=random_state, shuffle=shuffle)
+    fold_groups = [
+        (GROUPS_PER_FOLD * k + FOLD1, GROUPS_PER_FOLD * k + FOLD2) for k in range(len(folds))
+    ]
+    dtypes = [a.dtype for a in arrays]
 
     Z = _concatenate(arrays)
-    stats = group_statistics(Z, labels, GROUPS_PER_FOLD, solver=solver)
+    stats = group_statistics(
+        Z, labels, GROUPS_PER_FOLD, solver="tsqr" if solver == "tsqr" else "gram"
+    )
     _check_finite(stats, names, slices)
-    models = []
-    for k in range(len(folds)):
-        models.append(_fit_fold(stats, k, names, slices, settings, pairs, dist_pairs, solver))
+    spectra = set_spectra(stats, names, slices, dtypes, fold_groups)
+    floors = _alpha_floors(alpha_floor, spectra, settings, sources)
+    source_settings = _source_settings(settings, floors, sources)
+    exact_for = _unresolved(spectra, source_settings, sources) if solver == "auto" else []
+    if exact_for:
+        stats = group_statistics(Z, labels, GROUPS_PER_FOLD, solver="tsqr")
+        spectra = set_spectra(stats, names, slices, dtypes, fold_groups)
+    models = [
+        _fit_fold(stats, k, names, slices, source_settings, pairs, dist_pairs)
+        for k in range(len(folds))
+    ]
 
     matrix = np.full((m, m), np.nan)
     alpha = np.full((m, m), np.nan)
@@ -398,6 +492,8 @@ def gfre_matrix(
         distortion=dist,
         config={
             "solver": solver,
+            "solver_used": stats.kind,
+            "exact_path_for": [names[a] for a in exact_for],
             "alphas": list(settings.alphas),
             "alpha_type": alpha_type,
             "regularization_method": regularization_method,
@@ -405,8 +501,10 @@ def gfre_matrix(
             "random_state": None if random_state is None else int(random_state),
             "shuffle": shuffle,
             "n_folds": len(folds),
+            "alpha_floor": _floor_config(alpha_floor, floors, names),
         },
         selection=selection,
+        spectra=spectra,
     )
     if pointwise:
         pw, pd = _pointwise_pass(Z, labels, models, slices, pairs, m, dist_pairs)
@@ -416,7 +514,25 @@ def gfre_matrix(
             result.matrix = np.sqrt(np.mean(pw**2, axis=2))
             if dist_pairs:
                 result.distortion = np.sqrt(np.mean(pd**2, axis=2))
+        result.error = bootstrap_standard_error(pw)
+    result.diagnostics = diagnose(
+        names,
+        result.matrix,
+        result.pointwise,
+        test_rows,
+        error=result.error,
+        warnings=selection_warnings(names, dims, folds, sources, rows=row_name),
+        feature_sets={sp.name: sp.to_json() for sp in spectra},
+        describe=describe,
+    )
+    result.config["diagnostics"] = result.diagnostics.to_json()
     return result
+
+
+def _floor_config(alpha_floor, floors: dict[int, float], names) -> dict | None:
+    if not floors:
+        return None
+    return {"mode": str(alpha_floor), "relative": {names[a]: f for a, f in floors.items()}}
 
 
 # ---------------------------------------------------------------------- store
@@ -428,7 +544,7 @@ def gfre_store(
     *,
     run: str = "gfre",
     seed: int = 0,
-    solver: str = "gram",
+    solver: str = "auto",
     pointwise: bool = True,
     **options: Any,
 ) -> GfreResult:
@@ -453,7 +569,13 @@ def gfre_store(
     if isinstance(selection, str):
         selection = selection_for_store(selection, st, seed=seed, valid=st.valid_rows(names))
     result = gfre_matrix(
-        arrays, selection, names=names, solver=solver, pointwise=pointwise, **options
+        arrays,
+        selection,
+        names=names,
+        solver=solver,
+        pointwise=pointwise,
+        describe=lambda rows: describe_rows(st, rows),
+        **options,
     )
     result.config.update({"seed": seed, "pointwise": pointwise})
     write_result(st, run, result)
@@ -477,6 +599,7 @@ def write_result(store: Any, run: str, result: GfreResult) -> None:
         arrays["pointwise"] = result.pointwise
     if result.distortion is not None:
         arrays["distortion"] = result.distortion
+    arrays.update(uncertainty_arrays(result))
     store.write_run(run, "gfre", result, arrays)
 
 
@@ -527,6 +650,7 @@ def _pointwise_pair(X, Y, train_idx, test_idx, scaler, estimator, store, distort
     result = gfre_matrix(
         [x, y],
         (train, test),
+        solver=solver,
         pointwise=True,
         distortion=distortion,
         pairs=[(0, 1)],
@@ -538,21 +662,22 @@ def _pointwise_pair(X, Y, train_idx, test_idx, scaler, estimator, store, distort
 
 
 def pointwise_global_reconstruction_error(
-    X, Y, train_idx=None, test_idx=None, scaler=None, estimator=None, *, store=None, solver="tsqr"
+    X, Y, train_idx=None, test_idx=None, scaler=None, estimator=None, *, store=None, solver="auto"
 ):
     """skmatter's ``pointwise_global_reconstruction_error``: :math:`\\|y_i - x_i W\\|` for
     every test row (in the order of ``test_idx``), computed by :func:`gfre_matrix`.
 
     ``X`` and ``Y`` are numpy, CuPy or dask arrays (e.g. ``store.features(name)``), or
     feature-set names of ``store``. Only skmatter's default scaler and ``Ridge2FoldCV``
-    estimators are supported. ``solver="tsqr"`` (default here) reproduces skmatter's SVD
-    path even for nearly exact reconstructions; ``"gram"`` is faster on large data.
+    estimators are supported. ``solver`` is that of :func:`gfre_matrix`: the default
+    ``"auto"`` takes the exact (TSQR) path whenever the Gram pass cannot reproduce
+    skmatter's SVD path.
     """
     return _pointwise_pair(X, Y, train_idx, test_idx, scaler, estimator, store, False, solver)
 
 
 def global_reconstruction_error(
-    X, Y, test_idx=None, train_idx=None, scaler=None, estimator=None, *, store=None, solver="tsqr"
+    X, Y, test_idx=None, train_idx=None, scaler=None, estimator=None, *, store=None, solver="auto"
 ):
     """skmatter's ``global_reconstruction_error``:
     :math:`\\sqrt{\\frac{1}{n_{test}}\\sum_i \\|y_i - x_i W\\|^2}` (see
@@ -562,7 +687,7 @@ def global_reconstruction_error(
 
 
 def pointwise_global_reconstruction_distortion(
-    X, Y, test_idx=None, train_idx=None, scaler=None, estimator=None, *, store=None, solver="tsqr"
+    X, Y, test_idx=None, train_idx=None, scaler=None, estimator=None, *, store=None, solver="auto"
 ):
     """skmatter's ``pointwise_global_reconstruction_distortion``:
     :math:`\\|x_i W - x_i \\Omega\\|` with :math:`\\Omega` the orthogonal (Procrustes)
@@ -572,7 +697,7 @@ def pointwise_global_reconstruction_distortion(
 
 
 def global_reconstruction_distortion(
-    X, Y, test_idx=None, train_idx=None, scaler=None, estimator=None, *, store=None, solver="tsqr"
+    X, Y, test_idx=None, train_idx=None, scaler=None, estimator=None, *, store=None, solver="auto"
 ):
     """skmatter's ``global_reconstruction_distortion``: RMS over the test rows of
     :func:`pointwise_global_reconstruction_distortion`."""

@@ -37,7 +37,8 @@ import numpy as np
 
 from dfre.data.selection import skmatter_default_split
 from dfre.errors import DfreError
-from dfre.linalg.backend import array_module, to_numpy
+from dfre.linalg.backend import array_module, device_meta, to_device, to_numpy
+from dfre.linalg.gram import crossproduct
 from dfre.linalg.knn import (
     DEFAULT_QUERY_BLOCK,
     DEFAULT_TILE_ROWS,
@@ -46,9 +47,14 @@ from dfre.linalg.knn import (
 )
 from dfre.linalg.local_ridge import DEFAULT_ALPHAS, RANDOM_STATE, fold_positions, local_ridge
 from dfre.linalg.scaling import ZERO_VARIANCE, scale_rows
+from dfre.linalg.spectrum import SetSpectrum, unit_roundoff
 from dfre.lock import writes_store
+from dfre.metrics.diagnostics import Diagnostics, describe_rows, diagnose, selection_warnings
+from dfre.metrics.uncertainty import bootstrap_standard_error, uncertainty_arrays
 
-#: Bytes of float64 work arrays one local-ridge batch may use (numpy; CuPy gets 8x).
+#: Bytes of float64 work arrays one local-ridge batch may use (numpy; CuPy gets 64x: at
+#: k = 128 and 512 -> 128 that is about 1,400 neighbourhoods per batched call, so the
+#: launch and synchronisation costs of a batch are shared by enough work on a GPU).
 RIDGE_BATCH_BYTES = 1 << 27
 #: Train rows per kNN partition (task): each partition starts its candidate lists afresh,
 #: so fewer, larger partitions do less merging; a million rows still give 8 per source.
@@ -71,14 +77,19 @@ class LfreResult:
     selection: Any = None
     config: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    error: np.ndarray | None = None  # (M, M) bootstrap standard error of ``matrix``
+    diagnostics: Diagnostics | None = None
+    spectra: list[SetSpectrum] | None = None
 
 
 @dataclass
 class _Scaler:
-    """skmatter's StandardFlexibleScaler fitted on train rows: (x - mean) / scale."""
+    """skmatter's StandardFlexibleScaler fitted on train rows: (x - mean) / scale, and the
+    noise floor per train row: ``roundoff / scale`` times the row's stored norm."""
 
     mean: np.ndarray
     scale: float
+    roundoff: float = 0.0
 
 
 # ---------------------------------------------------------------------- inputs
@@ -142,8 +153,9 @@ def k_matrix(dims: Sequence[int], k: int | str | None = None) -> np.ndarray:
     """Neighbours per pair: ``k`` everywhere, or a rule on the two dimensions.
 
     ``None`` or ``"min"``: :math:`\\min(d_F, d_{F'})`, the paper's choice for the model
-    comparisons; ``"max"``: :math:`\\max(d_F, d_{F'})`, its choice for the cumulant
-    orders (Fig. 8).
+    comparisons; ``"max"``: :math:`\\max(d_F, d_{F'})`, the choice its *text* states for
+    the cumulant orders (Fig. 8). Note that the paper's own analysis code uses the minimum
+    there too; ``"max"`` follows the text, ``"min"`` (the default) the code.
     """
     dims = np.asarray(dims, dtype=np.int64)
     if k is None or k == "min":
@@ -187,32 +199,51 @@ def _check_k(kmat: np.ndarray, n_train: int) -> None:
 
 
 # ---------------------------------------------------------------------- scaling
-def _fit_and_scale(block):
+def _fit_and_scale(block, name: str):
     """skmatter's StandardFlexibleScaler fitted on one feature set's train rows and applied.
 
     With :math:`s` the first row (so large offsets cost no accuracy) and
     :math:`c = x - s` in float64, :math:`\\mu = s + \\bar c` and the scale is
     :math:`\\sigma = (\\sum_j \\overline{c_j^2} - \\bar c_j^2)^{1/2}` (total variance 1
     after scaling). One float64 array is allocated and scaled in place:
-    :math:`(c - \\bar c)/\\sigma`. Returns ``(scaled rows, mean, total variance)``.
+    :math:`(c - \\bar c)/\\sigma`. Returns ``(scaled rows, mean, total variance, stored
+    norms, spectrum)``: the norms :math:`\\|x_i\\|` of the stored rows (for the noise floor
+    of a neighbourhood) and the singular values of the centred rows from their Gram
+    matrix (:class:`~dfre.linalg.spectrum.SetSpectrum`, for the diagnostics).
     """
     xp = array_module(block)
     shift = xp.asarray(block[0], dtype=xp.float64)
     with np.errstate(over="ignore", invalid="ignore"):  # NaN/inf/overflow: refused later
         rows = xp.subtract(block, shift, dtype=xp.float64)
+        norms = xp.sqrt(xp.maximum(xp.einsum("ij,ij->i", rows + shift, rows + shift), 0.0))
         offset = rows.sum(axis=0) / rows.shape[0]
         squares = xp.einsum("ij,ij->j", rows, rows) / rows.shape[0]
         variance = float(xp.sum(xp.maximum(squares - offset**2, 0.0)))
     rows -= offset
+    spectrum = _gram_spectrum(rows, norms, block.dtype, name)
     if variance > 0:
         rows /= np.sqrt(variance)
-    return rows, to_numpy(shift + offset), variance
+    return rows, to_numpy(shift + offset), variance, norms, spectrum
+
+
+def _gram_spectrum(centred, norms, dtype, name: str) -> SetSpectrum:
+    """Spectrum of centred rows from their Gram matrix (resolved to ~1e-7 of s_max)."""
+    xp = array_module(centred)
+    n, d = centred.shape
+    with np.errstate(over="ignore", invalid="ignore"):
+        gram = to_numpy(crossproduct(centred))
+    # non-finite features are refused with their own message once this task returns
+    lam = np.linalg.eigvalsh(gram)[::-1] if np.isfinite(gram).all() else np.zeros(d)
+    s = np.sqrt(np.clip(lam, 0.0, None))[: min(n, d)]
+    floor = unit_roundoff(dtype) * float(to_numpy(xp.sqrt(xp.sum(norms**2))))
+    ratio = float(s[-1] / s[0]) if len(s) and s[0] > 0 else 0.0
+    return SetSpectrum(name, d, float(n), s, floor, ratio, exact=False)
 
 
 # ---------------------------------------------------------------------- one block of queries
 def _ridge_batch(k: int, dims: Sequence[int], xp) -> int:
     per_item = 8 * 8 * (k * k + k * sum(dims))
-    budget = RIDGE_BATCH_BYTES * (8 if xp is not np else 1)
+    budget = RIDGE_BATCH_BYTES * (64 if xp is not np else 1)
     return max(1, budget // per_item)
 
 
@@ -220,21 +251,36 @@ def _scaled(x, scaler: _Scaler):
     return scale_rows(x, scaler.mean, scaler.scale)
 
 
-def _ridge_block(x_train, x_query, y_trains, y_queries, neighbours, alphas, rows=None):
+def _ridge_block(x_train, x_query, y_trains, y_queries, neighbours, alphas, rows=None, noise=None):
     """Pointwise errors and chosen alphas of one query block for several targets.
 
     All rows are scaled float64. ``neighbours`` (b, k) are positions into the train
     arrays; all targets share k. ``rows`` (a slice) picks the b queries out of the query
-    blocks (default all). Returns ``(errors (T, b), alphas (T, b), n_exact)``.
+    blocks (default all). ``noise`` = ``(stored row norms of the source train rows,
+    roundoff / scale)`` asks for the noise-aware cutoff floor of each neighbourhood.
+    Returns ``(errors (T, b), alphas (T, b), n_exact)``.
     """
     if rows is not None:
         x_query = x_query[rows]
         y_queries = [y[rows] for y in y_queries]
     with single_threaded_blas():
-        return _ridge_block_body(x_train, x_query, y_trains, y_queries, neighbours, alphas)
+        errors, chosen, n_exact = _ridge_block_body(
+            x_train, x_query, y_trains, y_queries, neighbours, alphas, noise
+        )
+    # host arrays: what goes back to the client is numpy even when the block ran on CuPy
+    return to_numpy(errors), to_numpy(chosen), int(n_exact)
 
 
-def _ridge_block_body(x_train, x_query, y_trains, y_queries, neighbours, alphas):
+def _ridge_block_of_knn(
+    x_train, x_query, y_trains, y_queries, knn_indices, k, rows, alphas, noise=None
+):
+    """:func:`_ridge_block` for the queries ``rows`` (a slice) of a query block whose kNN
+    indices ``knn_indices`` are still on the worker that computed them (first ``k``)."""
+    neighbours = knn_indices[rows, :k]
+    return _ridge_block(x_train, x_query, y_trains, y_queries, neighbours, alphas, rows, noise)
+
+
+def _ridge_block_body(x_train, x_query, y_trains, y_queries, neighbours, alphas, noise):
     xp = array_module(x_train)
     neighbours = xp.asarray(neighbours)
     n_query, k = neighbours.shape
@@ -248,12 +294,17 @@ def _ridge_block_body(x_train, x_query, y_trains, y_queries, neighbours, alphas)
     for start in range(0, n_query, batch):
         stop = min(start + batch, n_query)
         idx = neighbours[start:stop]
+        floor = None
+        if noise is not None:  # u ||X_nbr||_F of the stored rows, in scaled units
+            norms, factor = noise
+            floor = factor * xp.sqrt(xp.sum(norms[idx] ** 2, axis=1))
         results = local_ridge(
             x_train[idx],
             [y[idx] for y in y_trains],
             x_query[start:stop],
             alphas,
             fold_ordered=True,
+            floor=floor,
         )
         for t, res in enumerate(results):
             residual = y_queries[t][start:stop] - res.prediction
@@ -263,12 +314,35 @@ def _ridge_block_body(x_train, x_query, y_trains, y_queries, neighbours, alphas)
     return errors, chosen, n_exact
 
 
+def _all_finite(arr: da.Array):
+    """Delayed bool: whether every entry of ``arr`` is finite (decided in a task, so the
+    client receives a Python bool, not a device array)."""
+    return dask.delayed(bool, pure=True)(da.isfinite(arr).all())
+
+
 def _single_block(arr: da.Array):
     """A delayed holding the whole of ``arr`` as one array (moved once per worker)."""
     return arr.rechunk({0: -1, 1: -1}).to_delayed().ravel()[0]
 
 
 # ---------------------------------------------------------------------- one fold
+def _knn_indices(neighbours):
+    """The indices of a kNN result ``(dist, idx)``."""
+    return neighbours[1]
+
+
+def _persist_and_wait(collections):
+    """``dask.persist`` of ``collections`` (nested lists of delayed), finished on return:
+    on a distributed cluster the results stay on the workers as futures."""
+    from distributed import futures_of, wait
+
+    (persisted,) = dask.persist(collections)
+    futures = futures_of(persisted)
+    if futures:  # else Dask's local scheduler has already computed everything
+        wait(futures)
+    return persisted
+
+
 def _scaled_rows(trains, tests, names):
     """Scaled float64 train rows (one block each), their scalers, and scaled test rows.
 
@@ -277,14 +351,18 @@ def _scaled_rows(trains, tests, names):
     and every ridge task. NaN/inf features and constant feature sets are refused.
     """
     fitted = dask.persist(
-        *[dask.delayed(_fit_and_scale, pure=True)(_single_block(t)) for t in trains]
+        *[
+            dask.delayed(_fit_and_scale, pure=True)(_single_block(t), name)
+            for t, name in zip(trains, names, strict=True)
+        ]
     )
     stats = dask.compute(*[(f[1], f[2]) for f in fitted])
-    finite = dask.compute(*[da.isfinite(t).all() for t in tests])
+    spectra = list(dask.compute(*[f[4] for f in fitted]))
+    finite = dask.compute(*[_all_finite(t) for t in tests])
     scalers = []
     for name, train, (mean, variance), test_ok in zip(names, trains, stats, finite, strict=True):
         if not (np.isfinite(variance) and np.isfinite(mean).all() and bool(test_ok)):
-            if bool(test_ok) and bool(da.isfinite(train).all().compute()):
+            if bool(test_ok) and dask.compute(_all_finite(train))[0]:
                 raise DfreError(
                     f"feature set {name} has values too large for float64 sums of squares "
                     "(above about 1e150): rescale it"
@@ -298,8 +376,10 @@ def _scaled_rows(trains, tests, names):
                 f"feature set {name} is constant on the train rows (total variance "
                 f"{variance:.3g}): it cannot be scaled; drop it or check how it was computed"
             )
-        scalers.append(_Scaler(mean, float(np.sqrt(variance))))
+        scale = float(np.sqrt(variance))
+        scalers.append(_Scaler(mean, scale, unit_roundoff(train.dtype) / scale))
     train_blocks = [f[0] for f in fitted]
+    norms = [f[3] for f in fitted]
     tests = dask.persist(
         *[t.map_blocks(_scaled, s, dtype=np.float64) for t, s in zip(tests, scalers, strict=True)]
     )
@@ -309,7 +389,7 @@ def _scaled_rows(trains, tests, names):
         ).rechunk((KNN_PARTITION_ROWS, -1))
         for block, t in zip(train_blocks, trains, strict=True)
     ]
-    return train_blocks, partitioned, list(tests)
+    return train_blocks, partitioned, list(tests), norms, scalers, spectra
 
 
 def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
@@ -323,7 +403,7 @@ def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
     tests = [a[test] for a in arrays]
     query_block = opts["query_block"]
     tests = [t.rechunk((query_block, -1)) for t in tests]
-    train_blocks, partitioned, tests = _scaled_rows(trains, tests, names)
+    train_blocks, partitioned, tests, norms, scalers, spectra = _scaled_rows(trains, tests, names)
     test_blocks = [t.to_delayed().ravel() for t in tests]
     sources = [i for i in range(n_sets) if kmat[i].any()]
     started = time.perf_counter()
@@ -337,8 +417,10 @@ def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
         )
         for i in sources
     ]
-    computed = dask.compute(*graphs)
-    neighbours = {i: [idx for _, idx in parts] for i, parts in zip(sources, computed, strict=True)}
+    # the kNN indices stay where they were computed (persisted: futures on a distributed
+    # cluster) and go straight into the ridge tasks, never through this process
+    indices = [[dask.delayed(_knn_indices, pure=True)(part) for part in parts] for parts in graphs]
+    neighbours = dict(zip(sources, _persist_and_wait(indices), strict=True))
     timings["knn_seconds"] += time.perf_counter() - started
     timings["knn_queries"] += len(test) * len(sources)
     started = time.perf_counter()
@@ -348,17 +430,20 @@ def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
         for k_value in np.unique(kmat[i][kmat[i] > 0])[::-1]:  # largest (slowest) first
             targets = [int(j) for j in np.flatnonzero(kmat[i] == k_value)]
             for b, nbr in enumerate(neighbours[i]):
-                for lo in range(0, len(nbr), opts["ridge_queries"]):
-                    hi = min(lo + opts["ridge_queries"], len(nbr))
+                n_queries = int(bounds[b + 1] - bounds[b])
+                for lo in range(0, n_queries, opts["ridge_queries"]):
+                    hi = min(lo + opts["ridge_queries"], n_queries)
                     tasks.append(
-                        dask.delayed(_ridge_block, pure=False)(
+                        dask.delayed(_ridge_block_of_knn, pure=False)(
                             train_blocks[i],
                             test_blocks[i][b],
                             [train_blocks[j] for j in targets],
                             [test_blocks[j][b] for j in targets],
-                            nbr[lo:hi, : int(k_value)],
-                            alphas,
+                            nbr,
+                            int(k_value),
                             slice(lo, hi),
+                            alphas,
+                            (norms[i], scalers[i].roundoff) if opts["noise_floor"] else None,
                         )
                     )
                     keys.append((i, targets, slice(bounds[b] + lo, bounds[b] + hi)))
@@ -371,7 +456,7 @@ def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
         timings["ridge_neighbourhoods"] += int(rows.stop - rows.start)
     timings["ridge_solves"] += len(test) * int((kmat > 0).sum())
     timings["ridge_seconds"] += time.perf_counter() - started
-    return pointwise, alpha
+    return pointwise, alpha, spectra
 
 
 # ---------------------------------------------------------------------- public API
@@ -386,6 +471,9 @@ def lfre_matrix(
     pairs: Sequence[tuple[int, int]] | None = None,
     query_block: int | None = None,
     tile_rows: int | None = None,
+    alpha_floor: str | float | None = None,
+    describe: Any = None,
+    row_name: str = "environments",
 ) -> LfreResult:
     """LFRE of every source→target pair of the feature sets ``features``.
 
@@ -396,13 +484,17 @@ def lfre_matrix(
     (default :math:`\\min(d_F, d_{F'})` per pair; ``"max"`` takes the larger dimension, as
     the paper's Fig. 8). ``pairs``: only these (source, target)
     index pairs (the others are NaN, k 0). ``device="cuda"`` moves the chunks to CuPy.
-    Computes with the active Dask scheduler.
+    ``alpha_floor``: ``None`` (skmatter's grid, the paper's protocol), ``"auto"`` (no cutoff
+    below the storage noise floor :math:`u \\|X_{\\mathcal N}\\|_F` of each neighbourhood,
+    see :mod:`dfre.linalg.spectrum`) or a relative cutoff every alpha is raised to.
+    ``describe(rows)`` names environments for the diagnostics of flagged entries;
+    ``row_name`` says what a row is in the sanity warnings.
+    Computes with the active Dask scheduler. The result carries bootstrap error bars
+    (:mod:`dfre.metrics.uncertainty`) and diagnostics (:mod:`dfre.metrics.diagnostics`).
     """
     names, arrays = _feature_arrays(features, names)
-    if device == "cuda":
-        import cupy
-
-        arrays = [a.map_blocks(cupy.asarray, dtype=a.dtype) for a in arrays]
+    if device == "cuda":  # CuPy is imported in the tasks, not here (a login node has none)
+        arrays = [a.map_blocks(to_device, dtype=a.dtype, meta=device_meta(a.dtype)) for a in arrays]
     elif device not in (None, "cpu"):
         raise DfreError(f"device {device!r} is not known: use cpu or cuda")
     gpu = device == "cuda" or array_module(arrays[0]) is not np
@@ -421,15 +513,27 @@ def lfre_matrix(
             wanted[i, j] = True
         kmat = np.where(wanted, kmat, 0)
     alphas = np.asarray(alphas, dtype=np.float64)
+    opts["noise_floor"] = alpha_floor == "auto"
+    if alpha_floor not in (None, "none", "auto"):
+        try:
+            floor = float(alpha_floor)
+        except (TypeError, ValueError):
+            raise DfreError(
+                f"alpha floor {alpha_floor!r}: give 'auto', 'none' or a relative cutoff in [0, 1)"
+            ) from None
+        if not 0 <= floor < 1:
+            raise DfreError(f"alpha floor {floor}: a relative cutoff lies in [0, 1)")
+        alphas = np.maximum(alphas, min(floor, alphas.max()))
     timings = dict.fromkeys(
         ["knn_seconds", "ridge_seconds", "knn_queries", "ridge_solves"], 0.0
     ) | {"ridge_neighbourhoods": 0, "exact_neighbourhoods": 0}
-    parts, alpha_parts = [], []
+    parts, alpha_parts, spectra = [], [], None
     for train, test in folds:
         _check_k(kmat, len(train))
-        pw, al = _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings)
+        pw, al, sp = _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings)
         parts.append(pw)
         alpha_parts.append(al)
+        spectra = spectra or sp
     pointwise = np.concatenate(parts, axis=2)
     alpha_all = np.concatenate(alpha_parts, axis=2)
     with np.errstate(invalid="ignore"):
@@ -448,17 +552,37 @@ def lfre_matrix(
         "tile_rows": opts["tile_rows"],
         "ridge_queries": opts["ridge_queries"],
         "device": "cuda" if gpu else "cpu",
+        "alpha_floor": None if alpha_floor in (None, "none") else str(alpha_floor),
     }
+    test_rows = np.concatenate([te for _, te in folds]).astype(np.int64)
+    error = bootstrap_standard_error(pointwise)
+    sources = [i for i in range(len(names)) if kmat[i].any()]
+    diagnostics = diagnose(
+        names,
+        matrix,
+        pointwise,
+        test_rows,
+        error=error,
+        warnings=selection_warnings(
+            names, [a.shape[1] for a in arrays], folds, sources, k=kmat, rows=row_name
+        ),
+        feature_sets={sp.name: sp.to_json() for sp in spectra},
+        describe=describe,
+    )
+    config["diagnostics"] = diagnostics.to_json()
     return LfreResult(
         names=list(names),
         matrix=matrix,
         k=kmat,
         alpha=np.median(alpha_all, axis=2),
         pointwise=pointwise,
-        test_rows=np.concatenate([te for _, te in folds]).astype(np.int64),
+        test_rows=test_rows,
         selection=selection,
         config=config,
         timings=timings,
+        error=error,
+        diagnostics=diagnostics,
+        spectra=spectra,
     )
 
 
@@ -493,7 +617,9 @@ def lfre_store(
     selection = selection_spec
     if isinstance(selection_spec, str):
         selection = selection_for_store(selection_spec, st, seed=seed, valid=st.valid_rows(names))
-    result = lfre_matrix(arrays, selection, k, names=names, **options)
+    result = lfre_matrix(
+        arrays, selection, k, names=names, describe=lambda rows: describe_rows(st, rows), **options
+    )
     result.config["seed"] = seed
     write_result(st, run, result)
     return result
@@ -512,6 +638,7 @@ def write_result(store: Any, run: str, result: LfreResult) -> None:
         "k": result.k.astype(np.int64),
         "test_rows": result.test_rows.astype(np.int64),
         "pointwise": result.pointwise.astype(np.float64),
+        **uncertainty_arrays(result),
     }
     store.write_run(run, "lfre", result, arrays)
 

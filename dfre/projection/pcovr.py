@@ -13,15 +13,20 @@ Before fitting, :math:`X` is centred and scaled to unit total variance
 (``StandardFlexibleScaler(column_wise=False)``) and :math:`Y` is centred and scaled per
 column, so that both terms of the loss are of comparable size whatever the units.
 
-Target: the cohesive energy per atom when the structures have energies,
+Target: the cohesive energy per atom when the structures have energies (the paper's
+protocol),
 
 .. math::
 
-    \\varepsilon_S = \\frac{E_S - \\sum_Z n_{S,Z}\\, e_Z}{N_S}, \\qquad
-    e = \\arg\\min_e \\sum_S \\Big(E_S - \\sum_Z n_{S,Z} e_Z\\Big)^2 ,
+    \\varepsilon_S = \\frac{E_S - e_0 - \\sum_Z n_{S,Z}\\, e_Z}{N_S},
 
-(per-element reference energies :math:`e_Z` fitted by least squares over the composition
-counts :math:`n_{S,Z}`), else any numeric structure info key.
+with per-element reference energies :math:`e_Z` and an intercept :math:`e_0` from
+scikit-learn's ``RidgeCV(alphas=geomspace(1e-8, 1e2, 20))`` (leave-one-out CV, with
+intercept) on the composition counts :math:`n_{S,Z}` of the structures with an energy;
+else any numeric structure info key. Optionally (``remove_outliers``, as the paper's
+notebook) scikit-learn's ``IsolationForest(contamination=1e-4, random_state=42)`` on the
+scaled descriptors drops outlier structures from the fit (they are still projected,
+and marked in ``outliers``).
 
 A map fitted on one store projects another store's descriptors into the same plane
 (Fig. S8): the scalers and the PCovR weights of the fit are reused.
@@ -32,7 +37,8 @@ energy_key, reference energies), ``fitted_on`` (the store the map was fitted on)
 ``dfre_version``; arrays ``coordinates`` float64 (n_structures, n_components) (NaN for
 structures without a finite descriptor), ``target`` float64 (n_structures,) (NaN where
 unknown), ``fit_rows`` bool (n_structures,) (rows the map was fitted on; all False in a
-projected store) and, in a projected store, ``reference_coordinates`` and
+projected store), ``outliers`` bool (n_structures,) (dropped by the outlier removal)
+and, in a projected store, ``reference_coordinates`` and
 ``reference_target`` of the fitting store (grey background of Fig. S8).
 """
 
@@ -55,6 +61,11 @@ from dfre.lock import writes_store
 COHESIVE_ENERGY = "cohesive_energy"
 #: Most structures a map is fitted on by default (a random subset of larger datasets).
 DEFAULT_MAX_FIT = 20_000
+#: The paper's reference-energy fit: RidgeCV over these alphas, with an intercept.
+REFERENCE_ALPHAS = tuple(np.geomspace(1e-8, 1e2, 20))
+#: The paper's outlier removal: IsolationForest settings.
+OUTLIER_CONTAMINATION = 1e-4
+OUTLIER_RANDOM_STATE = 42
 
 
 @dataclass
@@ -118,21 +129,37 @@ def composition_counts(numbers: Any, offsets: Any) -> tuple[np.ndarray, np.ndarr
 
 def cohesive_energy_per_atom(
     energies: Any, numbers: Any, offsets: Any
-) -> tuple[np.ndarray, dict[int, float]]:
-    """Cohesive energy per atom and the fitted per-element reference energies.
+) -> tuple[np.ndarray, dict[int, float], float]:
+    """Cohesive energy per atom, the per-element reference energies and the intercept.
 
-    Reference energies are the least-squares solution over the structures with a finite
-    energy; structures without one get NaN.
+    References and intercept come from ``RidgeCV(alphas=REFERENCE_ALPHAS)`` (with
+    intercept) on the composition counts of the structures with a finite energy, as in
+    the paper; structures without one get NaN.
     """
+    from sklearn.linear_model import RidgeCV
+
     energies = np.asarray(energies, dtype=np.float64)
     counts, elements = composition_counts(numbers, offsets)
     known = np.isfinite(energies)
-    if not known.any():
-        raise DfreError("no structure has a finite energy: cannot fit reference energies")
-    references, *_ = np.linalg.lstsq(counts[known], energies[known], rcond=None)
+    if known.sum() < 2:
+        raise DfreError(
+            f"{int(known.sum())} structure(s) with a finite energy: reference energies need "
+            "at least 2"
+        )
+    model = RidgeCV(alphas=REFERENCE_ALPHAS, fit_intercept=True).fit(counts[known], energies[known])
     n_atoms = counts.sum(axis=1)
-    cohesive = (energies - counts @ references) / n_atoms
-    return cohesive, {int(z): float(e) for z, e in zip(elements, references, strict=True)}
+    cohesive = (energies - model.predict(counts)) / n_atoms
+    references = {int(z): float(e) for z, e in zip(elements, model.coef_, strict=True)}
+    return cohesive, references, float(model.intercept_)
+
+
+def outlier_rows(descriptor: np.ndarray) -> np.ndarray:
+    """Rows IsolationForest (the paper's settings) calls outliers, on scaled descriptors."""
+    from sklearn.ensemble import IsolationForest
+
+    x = StandardFlexibleScaler(column_wise=False).fit_transform(descriptor)
+    forest = IsolationForest(contamination=OUTLIER_CONTAMINATION, random_state=OUTLIER_RANDOM_STATE)
+    return forest.fit_predict(x) == -1
 
 
 def store_target(
@@ -151,13 +178,16 @@ def store_target(
                 f"cohesive-energy target: give --energy-key KEY or --target with one of: "
                 f"{', '.join(keys) or 'no info keys'}"
             )
-        values, references = cohesive_energy_per_atom(
+        values, references, intercept = cohesive_energy_per_atom(
             _numeric_info(store, energy_key), store.numbers(), store.offsets
         )
         return values, {
             "target": COHESIVE_ENERGY,
+            "target_units": f"{_energy_units(store, energy_key)}/atom",
             "energy_key": energy_key,
             "reference_energies": {str(z): e for z, e in references.items()},
+            "reference_intercept": intercept,
+            "reference_fit": "RidgeCV(alphas=geomspace(1e-8, 1e2, 20)), with intercept",
         }
     if target not in keys:
         raise DfreError(
@@ -165,6 +195,12 @@ def store_target(
             f"available: {', '.join(keys) or 'none'}, or {COHESIVE_ENERGY}"
         )
     return _numeric_info(store, target), {"target": target}
+
+
+def _energy_units(store: Any, key: str) -> str:
+    """Units of an energy info key: its ``units`` attribute, else ASE's eV."""
+    units = dict(store.structures["info"][key].attrs).get("units")
+    return str(units) if units else "eV"
 
 
 def _numeric_info(store: Any, key: str) -> np.ndarray:
@@ -202,6 +238,7 @@ def pcovr_map(
     project_into: Sequence[Any] = (),
     max_fit: int | None = DEFAULT_MAX_FIT,
     seed: int = 0,
+    remove_outliers: bool = False,
 ) -> PCovRMap:
     """Fit a map on ``descriptor`` of ``store`` and write ``results/<run>`` (module doc).
 
@@ -220,17 +257,27 @@ def pcovr_map(
     if max_fit is not None and len(candidates) > max_fit:
         rng = np.random.default_rng(seed)
         candidates = np.sort(rng.choice(candidates, max_fit, replace=False))
-    fitted = fit_pcovr(
-        np.asarray(x[candidates].compute()), y[candidates], mixing=mixing, n_components=n_components
-    )
+    fit_x = np.asarray(x[candidates].compute())
+    outliers = np.zeros(len(y), dtype=bool)
+    if remove_outliers:
+        flagged = outlier_rows(fit_x)
+        outliers[candidates[flagged]] = True
+        candidates, fit_x = candidates[~flagged], fit_x[~flagged]
+    fitted = fit_pcovr(fit_x, y[candidates], mixing=mixing, n_components=n_components)
     fitted.config.update(
-        target_config, energy_key=energy_key, descriptor=descriptor, max_fit=max_fit, seed=seed
+        target_config,
+        energy_key=energy_key,
+        descriptor=descriptor,
+        max_fit=max_fit,
+        seed=seed,
+        remove_outliers=remove_outliers,
+        n_outliers=int(outliers.sum()),
     )
     run = run or f"pcovr-{descriptor}"
     coordinates = project(fitted, x)
     fit_rows = np.zeros(len(y), dtype=bool)
     fit_rows[candidates] = True
-    _write(store, run, fitted, descriptor, store.path, coordinates, y, fit_rows)
+    _write(store, run, fitted, descriptor, store.path, coordinates, y, fit_rows, outliers=outliers)
     for other, other_x in zip(project_into, others, strict=True):
         try:
             other_y, _ = store_target(other, target, energy_key=energy_key)
@@ -251,11 +298,26 @@ def pcovr_map(
 
 
 def _write(
-    store, run, fitted, descriptor, fitted_on, coordinates, target, fit_rows, reference=None
+    store,
+    run,
+    fitted,
+    descriptor,
+    fitted_on,
+    coordinates,
+    target,
+    fit_rows,
+    reference=None,
+    outliers=None,
 ):
     """Arrays first, attributes last: a group without ``kind`` is an unfinished write."""
     group = store.create_result(run, {"complete": False})
-    arrays = {"coordinates": coordinates, "target": target, "fit_rows": fit_rows}
+    outliers = np.zeros(len(fit_rows), dtype=bool) if outliers is None else outliers
+    arrays = {
+        "coordinates": coordinates,
+        "target": target,
+        "fit_rows": fit_rows,
+        "outliers": outliers,
+    }
     if reference is not None:
         arrays["reference_coordinates"], arrays["reference_target"] = reference
     for name, values in arrays.items():

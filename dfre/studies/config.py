@@ -26,6 +26,8 @@ TOML file. Example (every key but ``store`` is optional)::
     selection = "stratified:1000"
     seed = 0
     # k = 50                       # LFRE neighbours, or "min" (default) / "max" per pair
+    # solver = "auto"              # GFRE: "auto" (default), "gram" or "tsqr"
+    # alpha_floor = "auto"         # opt-in noise-aware cutoff grid ("none": skmatter's)
 
     [[checkpoints]]                # FRE of checkpoints against the last (Fig. 6)
     name = "finetune"
@@ -42,6 +44,7 @@ TOML file. Example (every key but ``store`` is optional)::
     [pcovr]                        # results/pcovr-<descriptor>
     descriptors = []               # default: every cumulant descriptor made above
     target = "cohesive_energy"     # or a numeric structure info key
+    remove_outliers = false        # true: IsolationForest outlier removal (paper's notebook)
 
     [report]
     out = "report"                 # figures + index.html
@@ -79,6 +82,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "seed": int,
         "k": (int, str),
         "solver": str,
+        "alpha_floor": (str, float),
     },
     "checkpoints": {
         "name": str,
@@ -97,6 +101,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "energy_key": str,
         "mixing": (int, float),
         "components": int,
+        "remove_outliers": bool,
     },
     "report": {"out": str, "chemiscope": str, "max_structures": int},
 }
@@ -166,7 +171,9 @@ def _check_table(path: str, table: str, value: Any, index: int | None) -> dict:
             raise DfreError(
                 f"study file {path}: {where} has unknown key '{key}'; known: {', '.join(schema)}"
             )
-        if isinstance(item, bool) or not isinstance(item, schema[key]):
+        if (isinstance(item, bool) and schema[key] is not bool) or not isinstance(
+            item, schema[key]
+        ):
             expected = schema[key] if isinstance(schema[key], type) else schema[key][0]
             raise DfreError(
                 f"study file {path}: {where} key '{key}' must be {expected.__name__}, got {item!r}"
@@ -174,6 +181,16 @@ def _check_table(path: str, table: str, value: Any, index: int | None) -> dict:
     if isinstance(value.get("k"), str) and value["k"] not in ("min", "max"):
         raise DfreError(
             f'study file {path}: {where} k = {value["k"]!r}; give a number, "min" or "max"'
+        )
+    if value.get("solver", "auto") not in ("auto", "gram", "tsqr"):
+        raise DfreError(
+            f'study file {path}: {where} solver = {value["solver"]!r}; use "auto", "gram" or "tsqr"'
+        )
+    floor = value.get("alpha_floor", "none")
+    if not (floor in ("none", "auto") or (isinstance(floor, float) and 0 <= floor < 1)):
+        raise DfreError(
+            f'study file {path}: {where} alpha_floor = {floor!r}; use "none", "auto" or a '
+            "relative cutoff in [0, 1)"
         )
     for key in ("metrics", "studies"):
         for metric in value.get(key, []):
@@ -285,12 +302,22 @@ def _compare(store: Any, spec: dict, log: Callable[[str], None]) -> list[str]:
     runs = []
     for metric in spec.get("metrics", list(METRICS)):
         run = f"{metric}-{spec['name']}"
+        floor = spec.get("alpha_floor")
+        floor = None if floor in (None, "none") else floor
         if metric == "gfre":
             gfre_store(
-                store, names, selection, run=run, seed=seed, solver=spec.get("solver", "gram")
+                store,
+                names,
+                selection,
+                run=run,
+                seed=seed,
+                solver=spec.get("solver", "auto"),
+                alpha_floor=floor,
             )
         else:
-            lfre_store(store, names, selection, k=spec.get("k"), run=run, seed=seed)
+            lfre_store(
+                store, names, selection, k=spec.get("k"), run=run, seed=seed, alpha_floor=floor
+            )
         log(f"results/{run}: {metric.upper()} of {len(names)} feature sets")
         runs.append(run)
     return runs
@@ -367,6 +394,7 @@ def _pcovr(store: Any, spec: dict, made: list[str], log: Callable[[str], None]) 
             mixing=float(spec.get("mixing", 0.5)),
             n_components=spec.get("components", 2),
             run=run,
+            remove_outliers=spec.get("remove_outliers", False),
         )
         runs.append(run)
     log(f"PCovR maps: {', '.join(runs)}")
