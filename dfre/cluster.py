@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -40,6 +42,7 @@ from typing import Any
 import dask
 from distributed import Client, Future, LocalCluster, futures_of, performance_report
 from distributed.core import Status
+from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 from distributed.diagnostics.progressbar import TextProgressBar
 from distributed.security import Security
 from distributed.utils import is_kernel
@@ -49,6 +52,12 @@ from dfre.linalg import backend
 
 #: Seconds to wait for a scheduler before giving up with an error.
 DEFAULT_TIMEOUT = 10.0
+#: Seconds a computing command waits for a first worker of an external scheduler.
+DEFAULT_WORKER_TIMEOUT = 300.0
+#: Environment variable that sets that wait (``--worker-timeout`` wins over it).
+WORKER_TIMEOUT_ENV = "DFRE_WORKER_TIMEOUT"
+#: Scheduler metadata key where ``dfre cluster start --adapt`` records MIN:MAX.
+ADAPTIVE_KEY = "dfre-adaptive"
 #: Environment variable naming a running scheduler (read by Dask as ``scheduler-address``).
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
 #: Batch systems ``dfre cluster start --jobqueue`` knows.
@@ -135,6 +144,7 @@ def connect(
     timeout: float = DEFAULT_TIMEOUT,
     dashboard_address: str | None = ":8787",
     quiet: bool = False,
+    worker_timeout: float | None = 0.0,
     rmm_pool_size: str | None = None,
 ) -> Client:
     """A :class:`distributed.Client` (made the default) for the cluster dfre should use.
@@ -144,6 +154,11 @@ def connect(
     workers (locally: dask-cuda and a GPU), ``gpu=False`` forces a CPU local cluster,
     ``gpu=None`` uses GPUs when present. ``n_workers`` and ``threads_per_worker`` size a
     local cluster only. ``timeout`` (seconds) bounds the wait for a scheduler.
+    ``worker_timeout`` (seconds; None: ``$DFRE_WORKER_TIMEOUT`` or
+    :data:`DEFAULT_WORKER_TIMEOUT`; 0: no wait) bounds the wait for a first worker of
+    a scheduler that has none: "waiting for workers" is printed, and a DfreError
+    raised when none joined in time (an adaptive ``dfre cluster start --adapt``
+    cluster starts workers on demand and is not waited for).
     ``rmm_pool_size`` (e.g. ``"20GB"`` or ``0.8`` of the GPU) gives every worker of a
     local dask-cuda cluster an RMM memory pool of that size, used by CuPy (see
     :func:`rmm_options`); workers of a running cluster get theirs where they start
@@ -183,20 +198,81 @@ def connect(
             raise DfreError(
                 f"cannot reach the Dask scheduler at {where} within {timeout:g} s: {hint}"
             ) from None
-        if gpu:
-            try:
+        try:
+            _wait_for_workers(client, where, worker_timeout)
+            if gpu:
                 _require_gpu_workers(client, where)
-            except DfreError:
-                client.close()
-                raise
+        except (DfreError, KeyboardInterrupt):
+            client.close()
+            raise
     else:
         client = Client(
             _local_cluster(gpu, n_workers, threads_per_worker, dashboard_address, rmm_pool_size),
             timeout=timeout,
         )
+        client.register_plugin(QuietTaskErrors())
     if not quiet:
         print(f"dfre: Dask dashboard: {client.dashboard_link}", file=sys.stderr)
     return client
+
+
+class _DropTaskErrorLogs(logging.Filter):
+    """Drops a worker's log of a failed task: the task's exception (with its remote
+    traceback) reaches the client, which reports it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("Compute Failed") or "ended with CancelledError" in message)
+
+
+class QuietTaskErrors(WorkerPlugin):
+    """On the workers of a local cluster, whose logs share the command's terminal: no
+    multi-line log of a failed task (the command reports it in one line, or with its
+    traceback when it is a bug)."""
+
+    name = "dfre-quiet-task-errors"
+
+    def setup(self, worker) -> None:
+        for name in ("distributed.worker", "distributed.worker.state_machine"):
+            logging.getLogger(name).addFilter(_DropTaskErrorLogs())
+
+
+def worker_timeout_setting(value: float | None = None) -> float:
+    """The wait for workers: ``value``, else ``$DFRE_WORKER_TIMEOUT``, else the default."""
+    if value is not None:
+        return float(value)
+    text = os.environ.get(WORKER_TIMEOUT_ENV)
+    if text is None or not text.strip():
+        return DEFAULT_WORKER_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds >= 0:
+        raise DfreError(f"{WORKER_TIMEOUT_ENV}={text!r} must be a number of seconds >= 0")
+    return seconds
+
+
+def _wait_for_workers(client: Client, where: str, worker_timeout: float | None) -> None:
+    timeout = worker_timeout_setting(worker_timeout)
+    if timeout == 0 or client.scheduler_info(n_workers=1).get("workers"):
+        return
+    if client.get_metadata(ADAPTIVE_KEY, None) is not None:
+        return  # workers start when tasks arrive
+    print(
+        f"dfre: waiting for workers to join the scheduler at {where} (up to {timeout:g} s; "
+        f"--worker-timeout or {WORKER_TIMEOUT_ENV} sets the wait)",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        raise DfreError(
+            f"no Dask worker joined the scheduler at {where} within {timeout:g} s: start "
+            "workers (`dfre cluster start`, `dask worker`), check the worker jobs' logs, or "
+            "wait longer with --worker-timeout"
+        ) from None
 
 
 def _require_tls_settings(address: str, where: str) -> None:
@@ -280,11 +356,18 @@ def rmm_options(pool_size: str | float | None) -> dict:
 
 
 def disconnect(client: Client) -> None:
-    """Close ``client`` and, if :func:`connect` started a local cluster for it, that cluster."""
+    """Close ``client`` and, if :func:`connect` started a local cluster for it, that cluster
+    (a worker still busy with a task of a failed command is stopped without a warning)."""
     cluster = client.cluster
     client.close()
     if cluster is not None:
-        cluster.close()
+        nanny = logging.getLogger("distributed.nanny")
+        level = nanny.level
+        nanny.setLevel(logging.ERROR)
+        try:
+            cluster.close()
+        finally:
+            nanny.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -328,6 +411,14 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"give up reaching the scheduler after this long (default {DEFAULT_TIMEOUT:g})",
     )
     g.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"with a scheduler that has no workers, wait this long for one (default "
+        f"${WORKER_TIMEOUT_ENV} or {DEFAULT_WORKER_TIMEOUT:g}; 0: do not wait)",
+    )
+    g.add_argument(
         "--dashboard-address",
         default=":8787",
         metavar="ADDR",
@@ -347,11 +438,15 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def client_from_args(args: argparse.Namespace) -> Iterator[Client]:
+def client_from_args(
+    args: argparse.Namespace, *, wait_for_workers: bool = True
+) -> Iterator[Client]:
     """The client for a command run with the options of :func:`add_cluster_arguments`.
 
-    Prints the dashboard link, records a performance report if asked, and closes the
-    client (and a local cluster it started) at the end.
+    Prints the dashboard link, waits for a first worker of an external scheduler that
+    has none (``--worker-timeout``; not with ``wait_for_workers=False``), records a
+    performance report if asked, and closes the client (and a local cluster it
+    started) at the end.
     """
     report = getattr(args, "performance_report", None)
     if report:
@@ -367,6 +462,7 @@ def client_from_args(args: argparse.Namespace) -> Iterator[Client]:
         n_workers=getattr(args, "workers", None),
         timeout=getattr(args, "scheduler_timeout", DEFAULT_TIMEOUT),
         dashboard_address=getattr(args, "dashboard_address", ":8787"),
+        worker_timeout=getattr(args, "worker_timeout", None) if wait_for_workers else 0.0,
         rmm_pool_size=getattr(args, "rmm_pool_size", None),
     ) as client:
         if report:
@@ -598,6 +694,30 @@ def _gpu_settings(settings: dict, source: str, kind: str) -> dict:
     return settings
 
 
+def _check_scheduler_interface(settings: dict, source: str, kind: str) -> None:
+    """The network interface the scheduler binds to must exist here, where it runs.
+
+    dask-jobqueue uses ``interface`` for the workers and, unless ``scheduler-options``
+    sets ``interface`` or ``host``, for the scheduler too; a login node without the
+    compute nodes' ``ib0`` would otherwise fail with a traceback.
+    """
+    import psutil
+
+    options = settings.get("scheduler-options") or {}
+    if "host" in options:
+        return
+    interface = options.get("interface") or settings.get("interface")
+    available = sorted(psutil.net_if_addrs())
+    if interface and interface not in available:
+        key = "scheduler-options.interface" if options.get("interface") else "interface"
+        raise DfreError(
+            f"{source}: jobqueue.{kind}.{key} is {interface!r}, but this machine, where the "
+            f"scheduler runs, has no such network interface (it has {', '.join(available)}): "
+            "remove the key to use this host's address, or set scheduler-options: "
+            "{interface: NAME} to one of these for the scheduler alone"
+        )
+
+
 def _register_settings(kind: str, settings: dict) -> str:
     """Put ``settings`` in the Dask config under a dfre section; return its name."""
     name = f"dfre-{kind}"
@@ -639,6 +759,7 @@ def jobqueue_cluster(
     source = f"jobqueue config {os.fspath(config)}" if config else "the Dask config"
     if gpu:
         settings = _gpu_settings(settings, source, kind)
+    _check_scheduler_interface(settings, source, kind)
     submit = cluster_class.job_cls.submit_command.split()[0]
     if shutil.which(submit) is None:
         raise DfreError(
@@ -681,6 +802,102 @@ def submit_workers(jobs, n: int) -> None:
             f"{submit} refused the worker job ({'; '.join(lines)}): "
             "fix the jobqueue config (queue, account, resources)"
         )
+
+
+def queued_job_ids(kind: str) -> set[str] | None:
+    """Ids of this user's jobs that the batch system still queues or runs (None when
+    it cannot tell: the query failed). SLURM: ``squeue``; PBS: ``qselect``."""
+    user = getpass.getuser()
+    if kind == "slurm":
+        states = "PENDING,RUNNING,CONFIGURING,SUSPENDED,REQUEUED,RESIZING,REQUEUE_HOLD"
+        command = ["squeue", "-h", "-u", user, "-o", "%i", "-t", states]
+    else:
+        command = ["qselect", "-u", user, "-s", "QRHTW"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return {line.strip().split(".")[0] for line in done.stdout.splitlines() if line.strip()}
+
+
+class _WorkerArrivals(SchedulerPlugin):
+    """The names of every worker that joined the scheduler (it runs in this process)."""
+
+    name = "dfre-worker-arrivals"
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def add_worker(self, scheduler, worker: str) -> None:
+        self.names.add(str(scheduler.workers[worker].name))
+
+
+class JobKeeper:
+    """Keeps ``n`` worker jobs of a dask-jobqueue cluster, one :meth:`check` at a time.
+
+    A job is lost when the batch system no longer queues or runs it (cancelled, failed,
+    out of wall time) or when its workers left the scheduler and dask-jobqueue dropped
+    it; each lost job is logged and replaced by a new submission. Jobs that end before
+    any of their workers joined are failures: after ``max_failures`` of them in a row
+    (a job whose workers joined resets the count), :meth:`check` raises a DfreError
+    (a broken job script or config would otherwise be resubmitted forever).
+    """
+
+    def __init__(self, jobs, kind: str, n: int, *, max_failures: int = 3, say=print):
+        self.jobs, self.kind, self.n = jobs, kind, n
+        self.max_failures, self.say = max_failures, say
+        self.joined: set[str] = set()  # names of jobs whose workers joined at some point
+        self.failures = 0
+        self.replaced = 0
+        self.arrivals = _WorkerArrivals()  # sees short-lived workers too
+        jobs.scheduler.add_plugin(self.arrivals)
+
+    def _note_joined(self) -> None:
+        names = set(self.arrivals.names)
+        for job in self.jobs.workers:
+            if job not in self.joined and any(
+                str(name) == job or str(name).startswith(f"{job}-") for name in names
+            ):
+                self.joined.add(job)
+                self.failures = 0
+
+    def lost_jobs(self) -> list[tuple[str, str | None]]:
+        """(name, job id) of the jobs that are gone."""
+        self._note_joined()
+        alive = queued_job_ids(self.kind)
+        lost = []
+        if alive is not None:
+            for name, job in self.jobs.workers.items():
+                job_id = getattr(job, "job_id", None)
+                if job_id and job_id not in alive:
+                    lost.append((name, job_id))
+        lost += [(name, None) for name in self.jobs.worker_spec if name not in self.jobs.workers]
+        return lost
+
+    def check(self) -> None:
+        """Replace the lost jobs (see the class docstring)."""
+        lost = self.lost_jobs()
+        if not lost:
+            return
+        logs = "the batch system's job output files"
+        for name, job_id in lost:
+            joined = name in self.joined
+            self.failures = 0 if joined else self.failures + 1
+            when = "after its workers had joined" if joined else "before any of its workers joined"
+            self.say(f"worker job {job_id or '?'} ({name}) ended {when}")
+            logs = getattr(self.jobs.workers.pop(name, None), "log_directory", None) or logs
+            self.jobs.worker_spec.pop(name, None)
+            if self.failures >= self.max_failures:
+                raise DfreError(
+                    f"{self.failures} worker jobs in a row ended before their workers joined "
+                    f"(last: job {job_id}): see their logs in {logs} and fix the jobqueue config "
+                    "or the job environment; the cluster stops"
+                )
+        self.replaced += len(lost)
+        self.say(f"submitting {len(lost)} replacement job(s) to keep {self.n} jobs")
+        submit_workers(self.jobs, self.n)
 
 
 class _SubmitErrors(logging.Filter):

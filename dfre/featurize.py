@@ -42,7 +42,7 @@ from dfre.models.base import (
     load_extractor,
     set_torch_threads,
 )
-from dfre.store import Store
+from dfre.store import Store, require_free_space
 
 DEFAULT_BATCH_ATOMS = 2048
 #: Most structure/reason pairs kept in the attributes of the model group.
@@ -82,6 +82,7 @@ class FeaturizeReport:
     n_atoms_computed: int
     seconds: float
     masked: dict[int, str] = field(default_factory=dict)
+    repaired: list[str] = field(default_factory=list)  # corrupted chunks found and recomputed
 
     @property
     def atoms_per_second(self) -> float:
@@ -93,6 +94,9 @@ class FeaturizeReport:
             f"{self.n_units} units ({self.n_atoms_computed} atoms) in {self.seconds:.1f} s "
             f"({self.atoms_per_second:.0f} atoms/s)"
         ]
+        if self.repaired:
+            lines.append(f"{len(self.repaired)} corrupted or missing chunk(s) recomputed:")
+            lines.extend(f"  {problem}" for problem in self.repaired)
         if self.masked:
             lines.append(f"{len(self.masked)} structure(s) masked:")
             for index, reason in sorted(self.masked.items())[:20]:
@@ -446,7 +450,13 @@ def featurize(
     is one (results are collected as tasks finish), else dask's default scheduler.
     """
     name = name or model
-    check_settings(name, batch_atoms)
+    check_settings(
+        name,
+        batch_atoms,
+        torch_threads=torch_threads,
+        prefetch=prefetch,
+        graph_processes=graph_processes,
+    )
     store = store if isinstance(store, Store) else Store.open(store, mode="r+")
     if not store.writable:
         store = Store.open(store.path, mode="r+")
@@ -487,7 +497,7 @@ def featurize(
             group.create_array(
                 f"_done_{layer}", shape=(n_chunks,), chunks=(1,), dtype="bool", fill_value=False
             )
-    done = {layer: np.asarray(group[f"_done_{layer}"][:], dtype=bool) for layer in layers}
+    done, repaired = _done_chunks(store, name, layers)
 
     units = plan_units(store.offsets, chunk)
     todo = []
@@ -495,6 +505,10 @@ def featurize(
         unit_layers = [lay for lay in layers if not done[lay][unit.c_lo : unit.c_hi].all()]
         if unit_layers:
             todo.append((unit, unit_layers))
+
+    dims = info["dims"]
+    needed = sum(u.n_atoms * sum(4 * dims[lay] for lay in lays) for u, lays in todo)
+    require_free_space(store.path, needed, f"features of {name} ({len(todo)} units)")
 
     start = time.perf_counter()
     tasks = [
@@ -529,14 +543,56 @@ def featurize(
         n_atoms_computed=sum(r["atoms"] for r in results),
         seconds=seconds,
         masked=masked,
+        repaired=repaired,
     )
 
 
-def check_settings(name: str, batch_atoms: int) -> None:
-    """One-line errors for a bad model name in the store or batch size (checked by the
-    CLI before a cluster starts)."""
+def _done_chunks(
+    store: Store, name: str, layers: Sequence[str]
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The done record of every layer, with the chunks that cannot be trusted cleared.
+
+    Every chunk of the layers, the mask and the done records is decoded (see
+    :mod:`dfre.verify`): a chunk that does not decode, or a done chunk whose file is
+    missing, is recomputed by this run. Returns the done flags and the problems found.
+    """
+    from dfre.verify import check_chunks, missing_done_chunks, readable_values
+
+    base = f"features/{name}"
+    paths = [f"{base}/{layer}" for layer in layers] + [f"{base}/_mask"]
+    paths += [f"{base}/_done_{layer}" for layer in layers]
+    problems = check_chunks(store, paths)
+    for layer in layers:
+        problems += missing_done_chunks(store, f"{name}/{layer}")
+    group = store.group["features"][name]
+    done = {
+        layer: np.asarray(readable_values(group[f"_done_{layer}"], fill=False), dtype=bool)
+        for layer in layers
+    }
+    for problem in problems:  # chunk c of a layer or the mask, or done flag c: redo unit c
+        for layer in layers:
+            done[layer][problem.chunk[0]] = False
+    return done, [str(problem) for problem in problems]
+
+
+def check_settings(
+    name: str,
+    batch_atoms: int,
+    *,
+    torch_threads: int | None = None,
+    prefetch: int = 0,
+    graph_processes: int = 0,
+) -> None:
+    """One-line errors for a bad model name in the store, batch size or thread and
+    process counts (checked by the CLI before a cluster starts)."""
     if batch_atoms < 1:
         raise DfreError(f"--batch-atoms must be a positive number of atoms, got {batch_atoms}")
+    if torch_threads is not None and torch_threads < 1:
+        raise DfreError(f"--torch-threads must be >= 1, got {torch_threads}")
+    if prefetch < 0 or graph_processes < 0:
+        raise DfreError(
+            f"--prefetch and --graph-processes must be >= 0, got {prefetch} and {graph_processes}"
+        )
     if "/" in name or name.startswith("_") or not name:
         raise DfreError(
             f"model name '{name}' in the store must be non-empty, without '/' or a leading '_'"

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +47,23 @@ RESULT_CHUNK = 1 << 16  # test environments per chunk of a result's per-environm
 
 #: Label used for structures whose info has no subset key.
 UNLABELLED = "unlabelled"
+#: What a results name may hold: one level below ``results/``, never a path.
+RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_run_name(run: Any) -> str:
+    """``run`` if it names one group under ``results/``, else a one-line DfreError.
+
+    Allowed: letters, digits, ``_``, ``.`` and ``-``; not empty, not ``.`` or ``..``
+    (so writing ``results/<run>`` can never replace ``results/`` itself or anything
+    outside it).
+    """
+    if not isinstance(run, str) or not RUN_NAME.fullmatch(run) or run in (".", ".."):
+        raise DfreError(
+            f"run name {run!r} is not allowed: use letters, digits, '_', '.' and '-' "
+            "(not empty, no '/', not '.' or '..'), e.g. --run gfre-ll"
+        )
+    return run
 
 
 def _is_url(path: str) -> bool:
@@ -492,7 +511,14 @@ class Store:
         model = name.partition("/")[0]
         group = self.group["features"][model]
         if "_mask" in group.array_keys():
-            return np.asarray(group["_mask"][: self.n_atoms], dtype=bool)
+            mask = group["_mask"]
+            if mask.shape != (self.n_atoms,):
+                raise DfreError(
+                    f"mask features/{model}/_mask in {self.path} has {mask.shape[0]} rows but "
+                    f"the store has {self.n_atoms} atoms: remove features/{model} and featurize "
+                    "again"
+                )
+            return np.asarray(mask[...], dtype=bool)
         return np.zeros(self.n_atoms, dtype=bool)
 
     def valid_rows(self, names: Sequence[str]) -> np.ndarray:
@@ -502,20 +528,45 @@ class Store:
             valid &= ~self.feature_mask(name)
         return valid
 
-    def feature_array(self, name: str) -> zarr.Array:
-        """The Zarr array of feature set ``name`` (``model/layer``)."""
+    def _feature_array_unchecked(self, name: str) -> zarr.Array:
         try:
-            return self.group["features"][name]
+            array = self.group["features"][name]
         except KeyError:
+            array = None
+        if not isinstance(array, zarr.Array) or name.rpartition("/")[2].startswith("_"):
             available = ", ".join(self.feature_names()) or "none"
             raise DfreError(
                 f"store {self.path} has no feature set '{name}'; available: {available}"
-            ) from None
+            )
+        return array
+
+    def feature_rows_problem(self, name: str) -> str | None:
+        """Why the rows of feature set ``name`` are not the store's atoms (None if they are)."""
+        array = self._feature_array_unchecked(name)
+        if array.ndim != 2:
+            return f"has {array.ndim} dimensions, not 2 (rows x features)"
+        if array.shape[0] != self.n_atoms:
+            return f"has {array.shape[0]} rows but the store has {self.n_atoms} atoms"
+        return None
+
+    def feature_array(self, name: str) -> zarr.Array:
+        """The Zarr array of feature set ``name`` (``model/layer``), one row per atom.
+
+        An array whose rows are not the store's atoms (another length) is refused with
+        a one-line error: its rows cannot be matched to the structures.
+        """
+        array = self._feature_array_unchecked(name)
+        problem = self.feature_rows_problem(name)
+        if problem is not None:
+            raise DfreError(
+                f"feature set {name} in {self.path} {problem}: it does not belong to these "
+                f"structures; remove features/{name.partition('/')[0]} and featurize again"
+            )
+        return array
 
     def features(self, name: str) -> da.Array:
         """Feature set ``name`` as a lazy dask array of shape ``(n_atoms, d)``."""
-        arr = self.feature_array(name)
-        return da.from_zarr(arr)[: self.n_atoms]
+        return da.from_zarr(self.feature_array(name))
 
     def create_feature(
         self,
@@ -568,31 +619,65 @@ class Store:
         arr.update_attributes({"created": _now(), **(attrs or {})})
         return arr
 
-    def descriptor(self, name: str) -> np.ndarray:
+    def descriptor_array(self, name: str) -> zarr.Array:
+        """The Zarr array of descriptor ``name``, one row per structure (checked)."""
         if name not in self.descriptor_names():
             raise DfreError(
                 f"store {self.path} has no descriptor '{name}'; available: "
                 f"{', '.join(self.descriptor_names()) or 'none'}"
             )
-        return np.asarray(self.group["descriptors"][name][...])
+        array = self.group["descriptors"][name]
+        if array.shape[0] != self.n_structures:
+            raise DfreError(
+                f"descriptor {name} in {self.path} has {array.shape[0]} rows but the store has "
+                f"{self.n_structures} structures: make it again with `dfre cumulants`"
+            )
+        return array
 
-    def result_names(self) -> list[str]:
-        return sorted(name for name, _ in self.group["results"].groups())
+    def descriptor(self, name: str) -> np.ndarray:
+        return np.asarray(self.descriptor_array(name)[...])
+
+    def result_names(self, *, incomplete: bool = False) -> list[str]:
+        """Names of the results (with ``incomplete``, also those whose writer stopped)."""
+        return sorted(
+            name
+            for name, group in self.group["results"].groups()
+            if incomplete or group.attrs.get("complete") is not False
+        )
 
     def result(self, run: str) -> zarr.Group:
-        if run not in self.result_names():
+        check_run_name(run)
+        if run not in self.result_names(incomplete=True):
             raise DfreError(
                 f"store {self.path} has no results '{run}'; available: "
                 f"{', '.join(self.result_names()) or 'none'}"
             )
-        return self.group["results"][run]
+        group = self.group["results"][run]
+        if group.attrs.get("complete") is False:
+            raise DfreError(
+                f"results/{run} of {self.path} is incomplete (the run writing it stopped "
+                "before the end): run that command again"
+            )
+        return group
 
     def create_result(self, run: str, attrs: dict | None = None) -> zarr.Group:
-        """A fresh ``results/<run>`` group (an older one of that name is replaced)."""
+        """A fresh ``results/<run>`` group (an older one of that name is replaced).
+
+        dfre's writers pass ``{"complete": False}`` in ``attrs`` and call
+        :meth:`finish_result` after their last write, so that a run stopped while
+        writing (full disk, lost mount) leaves no result that reads as whole: readers
+        refuse it and :meth:`result_names` leaves it out.
+        """
         self._require_writable()
+        check_run_name(run)
         group = self.group["results"].create_group(run, overwrite=True)
         group.update_attributes({"created": _now(), **(attrs or {})})
         return group
+
+    @staticmethod
+    def finish_result(group: zarr.Group) -> None:
+        """Mark a result group made by :meth:`create_result` complete (its commit point)."""
+        group.update_attributes({"complete": True})
 
     def write_run(
         self,
@@ -616,6 +701,7 @@ class Store:
             "selection": getattr(selection, "spec", "explicit"),
             "config": result.config,
             "dfre_version": __version__,
+            "complete": False,
         }
         group = self.create_result(run, attrs)
         for key, values in arrays.items():
@@ -627,6 +713,7 @@ class Store:
             arr[...] = values
         if hasattr(selection, "save"):
             selection.save(group.create_group("selection"))
+        self.finish_result(group)
         return group
 
     # ------------------------------------------------------------------ summary
@@ -640,7 +727,15 @@ class Store:
         model, _, layer = name.partition("/")
         group = self.group["features"][model]
         if f"_done_{layer}" in group.array_keys():
-            done = np.asarray(group[f"_done_{layer}"][...], dtype=bool)
+            record = group[f"_done_{layer}"]
+            n_chunks = -(-self.n_atoms // arr.chunks[0])
+            if record.shape != (n_chunks,):
+                raise DfreError(
+                    f"done record features/{model}/_done_{layer} in {self.path} has "
+                    f"{record.shape[0]} entries for {n_chunks} chunks: remove features/{model} "
+                    "and featurize again"
+                )
+            done = np.asarray(record[...], dtype=bool)
             return float(done.mean()) if done.size else 1.0
         return float(arr.nchunks_initialized / arr.nchunks) if arr.nchunks else 1.0
 
@@ -668,29 +763,35 @@ class Store:
             info[key] = {"type": "number" if numeric else "text", "missing": int(missing.sum())}
         features = []
         for name in self.feature_names():
-            arr = self.feature_array(name)
-            features.append(
-                {
-                    "name": name,
-                    "shape": [self.n_atoms, int(arr.shape[1])],
-                    "dtype": str(arr.dtype),
-                    "complete": round(self.feature_completeness(name), 6),
-                    "masked_rows": int(self.feature_mask(name).sum()),
-                }
-            )
-        descriptors = [
-            {"name": n, "shape": list(self.group["descriptors"][n].shape)}
-            for n in self.descriptor_names()
-        ]
+            arr = self._feature_array_unchecked(name)
+            problem = self.feature_rows_problem(name)
+            entry = {"name": name, "shape": list(arr.shape), "dtype": str(arr.dtype)}
+            if problem is None:
+                try:
+                    masked = int(self.feature_mask(name).sum())
+                    entry["complete"] = round(self.feature_completeness(name), 6)
+                except DfreError as error:  # the mask or done record does not fit
+                    problem, masked = str(error), 0
+                entry["masked_rows"] = masked
+            entry["problem"] = problem
+            features.append(entry)
+        descriptors = []
+        for n in self.descriptor_names():
+            shape = list(self.group["descriptors"][n].shape)
+            problem = None
+            if shape[0] != self.n_structures:
+                problem = f"has {shape[0]} rows but the store has {self.n_structures} structures"
+            descriptors.append({"name": n, "shape": shape, "problem": problem})
         results = []
-        for run in self.result_names():
-            attrs = self.result(run).attrs
+        for run in self.result_names(incomplete=True):
+            attrs = self.group["results"][run].attrs
             results.append(
                 {
                     "run": run,
                     "kind": attrs.get("kind"),
                     "names": list(attrs.get("names", [])),
                     "selection": attrs.get("selection"),
+                    "complete": attrs.get("complete", True) is not False,
                 }
             )
         return {
@@ -716,6 +817,31 @@ _BOOKKEEPING_FILES = {".dfre.lock"}
 def _is_empty_dir(path: str) -> bool:
     """A directory holding nothing but bookkeeping files (e.g. the write lock)."""
     return os.path.isdir(path) and not set(os.listdir(path)) - _BOOKKEEPING_FILES
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB"):
+        if n_bytes < 1000 or unit == "YB":
+            return f"{n_bytes:.0f} {unit}" if unit == "bytes" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1000
+    raise AssertionError("unreachable")
+
+
+def require_free_space(path: str | os.PathLike, needed: float, what: str) -> None:
+    """A one-line DfreError, before any work, when writing about ``needed`` bytes of
+    ``what`` into the (local) store at ``path`` cannot fit on its file system."""
+    path = os.path.abspath(os.fspath(path))
+    if _is_url(path):
+        return
+    folder = path
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise DfreError(
+            f"{what} needs about {_size(needed)} in {path} but its file system has "
+            f"{_size(free)} free: ask for less, or use a store on a larger file system"
+        )
 
 
 def _as_float(value: Any, key: str) -> float:

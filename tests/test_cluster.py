@@ -574,3 +574,90 @@ def test_tls_settings_of_the_dask_config_pass_through(tmp_path):
         finally:
             for proc in reversed(procs):
                 stop(proc)
+
+
+# ---------------------------------------------------------------------- no workers, interfaces
+def test_command_waits_for_workers_then_fails_in_one_line(tmp_path):
+    """An external scheduler without workers: "waiting for workers", then after the
+    timeout (option, or environment variable) a one-line error, the lock released and
+    the store unchanged."""
+    from dfre.lock import LOCK_NAME
+
+    store = make_store(tmp_path / "store.zarr", n_structures=50)
+    scheduler_file = tmp_path / "scheduler.json"
+    log = open(tmp_path / "scheduler.log", "w")
+    scheduler = start_scheduler(scheduler_file, log)
+    try:
+        before = sorted(p.name for p in Path(store.path).rglob("*"))
+        args = ["gfre", "--store", store.path, "--features", *FEATURES, "--selection",
+                "random:20", "--scheduler-file", str(scheduler_file)]  # fmt: skip
+        for extra, env in [(["--worker-timeout", "2"], {}), ([], {"DFRE_WORKER_TIMEOUT": "1.5"})]:
+            done = subprocess.run(
+                [sys.executable, "-m", "dfre", *args, *extra],
+                capture_output=True, text=True, timeout=120, env={**os.environ, **env},
+            )  # fmt: skip
+            seconds = "2" if extra else "1.5"
+            where = f"{json.loads(scheduler_file.read_text())['address']} (from scheduler file "
+            where += f"{scheduler_file})"
+            assert done.returncode == 2, done.stderr
+            assert done.stderr.splitlines()[-2:] == [
+                f"dfre: waiting for workers to join the scheduler at {where} (up to {seconds} s; "
+                "--worker-timeout or DFRE_WORKER_TIMEOUT sets the wait)",
+                f"dfre: error: no Dask worker joined the scheduler at {where} within {seconds} s: "
+                "start workers (`dfre cluster start`, `dask worker`), check the worker jobs' "
+                "logs, or wait longer with --worker-timeout",
+            ]
+            assert not (Path(store.path) / LOCK_NAME).exists()
+        assert sorted(p.name for p in Path(store.path).rglob("*")) == before
+
+        # a worker that joins during the wait: the command runs on it
+        command = subprocess.Popen(
+            [sys.executable, "-m", "dfre", *args, "--worker-timeout", "120"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert "waiting for workers" in command.stderr.readline()
+        worker = subprocess.Popen(
+            [str(BIN / "dask"), "worker", "--scheduler-file", str(scheduler_file), "--host",
+             "127.0.0.1", "--nthreads", "1", "--no-dashboard"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            out, err = command.communicate(timeout=120)
+            assert command.returncode == 0, err
+            assert "GFRE" in out
+        finally:
+            stop(worker)
+    finally:
+        stop(scheduler)
+        log.close()
+
+
+def test_scheduler_interface_must_exist_here(tmp_path, capsys):
+    import psutil
+
+    config = write_yaml(
+        tmp_path / "jq.yaml",
+        "jobqueue:\n  slurm:\n    cores: 1\n    memory: 1GB\n    interface: nosuch0\n",
+    )
+    code = main(["cluster", "start", "--jobqueue", "slurm", "--config", str(config),
+                 "--workers", "1", "--scheduler-file", str(tmp_path / "s.json")])  # fmt: skip
+    assert code == 2
+    assert one_line_error(capsys) == (
+        f"dfre: error: jobqueue config {config}: jobqueue.slurm.interface is 'nosuch0', but this "
+        "machine, where the scheduler runs, has no such network interface (it has "
+        f"{', '.join(sorted(psutil.net_if_addrs()))}): remove the key to use this host's "
+        "address, or set scheduler-options: {interface: NAME} to one of these for the "
+        "scheduler alone"
+    )
+    assert not (tmp_path / "s.json").exists()
+    # the workers may use an interface the login node lacks, with the scheduler's own
+    settings = cluster.load_jobqueue_config("slurm", config)
+    settings["scheduler-options"] = {"interface": "lo"}
+    cluster._check_scheduler_interface(settings, "x", "slurm")
+
+
+@pytest.mark.parametrize("name", ["slurm", "slurm-gpu", "pbs", "pbs-gpu"])
+def test_deploy_jobqueue_examples_need_no_ib0(name):
+    settings = cluster.load_jobqueue_config(name.split("-")[0], DEPLOY / f"{name}.yaml")
+    cluster._check_scheduler_interface(settings, name, name.split("-")[0])
+    assert not settings.get("interface")

@@ -91,7 +91,7 @@ def test_killed_featurize_resumes_with_only_the_missing_units(tmp_path):
 
     rerun = subprocess.run(featurize_command(killed), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    assert "clearing stale lock" in rerun.stderr
+    assert "taking over the lock of" in rerun.stderr
     redone = {(int(a), int(b) + 1) for a, b in DONE_LINE.findall(rerun.stderr)}
     assert redone == missing
     assert f"computed {len(missing)} of {n_units} units" in rerun.stdout

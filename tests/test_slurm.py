@@ -207,3 +207,103 @@ def test_refused_worker_job_is_a_one_line_error(local_slurm, tmp_path, capsys):
     assert errors == [errors[0]] and errors[0].startswith("dfre: error: sbatch refused")
     assert "invalid partition" in errors[0].lower()
     assert not scheduler_file.exists()
+
+
+# ---------------------------------------------------------------------- keeping the worker jobs
+def example_config(folder: Path, **overrides) -> Path:
+    """deploy/jobqueue/slurm.yaml as shipped (so no ``interface``: this host's address),
+    with the site-specific keys set for this one-node SLURM."""
+    import yaml
+
+    document = yaml.safe_load((ROOT / "deploy" / "jobqueue" / "slurm.yaml").read_text())
+    section = document["jobqueue"]["slurm"]
+    assert "interface" not in section
+    section.update(
+        {
+            "cores": 1, "memory": "1GB", "processes": 1, "queue": None, "walltime": "00:10:00",
+            "death-timeout": 30, "python": sys.executable, "local-directory": str(folder),
+            "log-directory": str(folder / "logs"), "job-script-prologue": [], **overrides,
+        }
+    )  # fmt: skip
+    config = folder / "slurm.yaml"
+    config.write_text(yaml.safe_dump(document))
+    return config
+
+
+def worker_job_ids(client) -> set[str]:
+    try:
+        return set(client.run(os.getenv, "SLURM_JOB_ID", on_error="ignore").values())
+    except OSError:  # a worker went away while asked
+        return set()
+
+
+def test_lost_worker_jobs_are_replaced(local_slurm, tmp_path):
+    """scancel of one of two worker jobs (as at the end of its wall time): the cluster logs
+    it and submits a replacement, whose worker joins; the example config runs as shipped
+    on a machine without ib0."""
+    config = example_config(tmp_path)
+    scheduler_file = tmp_path / "scheduler.json"
+    log = open(tmp_path / "cluster-start.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "dfre"), "cluster", "start", "--jobqueue", "slurm", "--config", str(config),
+         "--workers", "2", "--scheduler-file", str(scheduler_file), "--dashboard-address", ":0",
+         "--check-every", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    seen: set[str] = set()
+    try:
+        wait_for_file(scheduler_file, proc)
+        with cluster.connected(scheduler_file=scheduler_file, quiet=True) as client:
+            client.wait_for_workers(2, timeout=120)
+            first = sorted(worker_job_ids(client))
+            assert len(first) == 2 and all(first)
+            seen.update(first)
+            subprocess.run(["scancel", first[0]], check=True)
+            deadline = time.monotonic() + 120
+            while True:
+                ids = worker_job_ids(client)
+                seen.update(ids)
+                if len(ids) == 2 and first[0] not in ids and first[1] in ids:
+                    break
+                assert time.monotonic() < deadline, f"no replacement joined: {ids}"
+                time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        stop(proc)
+        log.close()
+        subprocess.run(["scancel", *seen], capture_output=True)
+    text = (tmp_path / "cluster-start.log").read_text()
+    assert f"dfre cluster: worker job {first[0]} (" in text, text
+    assert "ended after its workers had joined" in text
+    assert "dfre cluster: submitting 1 replacement job(s) to keep 2 jobs" in text
+    deadline = time.monotonic() + 30
+    while squeue(*seen) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert squeue(*seen) == []
+
+
+def test_worker_jobs_that_keep_failing_stop_the_cluster(local_slurm, tmp_path):
+    config = example_config(tmp_path, **{"job-script-prologue": ["exit 3"]})
+    scheduler_file = tmp_path / "scheduler.json"
+    done = subprocess.run(
+        [str(BIN / "dfre"), "cluster", "start", "--jobqueue", "slurm", "--config", str(config),
+         "--workers", "1", "--scheduler-file", str(scheduler_file), "--dashboard-address", ":0",
+         "--check-every", "1", "--max-job-failures", "2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(
+        "dfre: error: 2 worker jobs in a row ended before their workers joined (last: job "
+    ), done.stderr
+    assert lines[0].endswith(
+        f"see their logs in {tmp_path / 'logs'} and fix the jobqueue config or the job "
+        "environment; the cluster stops"
+    )
+    failed = [
+        line for line in done.stdout.splitlines() if "before any of its workers joined" in line
+    ]
+    assert len(failed) == 2, done.stdout
+    assert "submitting 1 replacement job(s) to keep 1 jobs" in done.stdout
+    assert not scheduler_file.exists()

@@ -1,10 +1,13 @@
 """``dfre cluster``: start a Dask cluster on SLURM/PBS, or describe the one dfre would use.
 
-``dfre cluster start --jobqueue slurm --config deploy/jobqueue-slurm.yaml --workers 8
+``dfre cluster start --jobqueue slurm --config deploy/jobqueue/slurm.yaml --workers 8
 --scheduler-file sched.json`` starts a scheduler here, submits worker jobs, writes the
 scheduler file and stays in the foreground until interrupted (Ctrl-C or SIGTERM), then
 cancels the jobs and removes the file. Other dfre commands run on it with
-``--scheduler-file sched.json``.
+``--scheduler-file sched.json``. It keeps its jobs: a job that the batch system no
+longer runs (cancelled, failed, out of wall time) is logged and replaced; after
+``--max-job-failures`` jobs in a row that ended before their workers joined it stops
+with a one-line error (exit status 2).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import os
 import signal
 import sys
 import time
+
+from distributed import Client
 
 from dfre import cluster
 from dfre.errors import DfreError
@@ -55,6 +60,20 @@ def add_parser(subparsers) -> None:
     )
     start.add_argument(
         "--dashboard-address", metavar="ADDR", help="dashboard address (default :8787)"
+    )
+    start.add_argument(
+        "--check-every",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how often the worker jobs are checked and lost ones replaced (default 10)",
+    )
+    start.add_argument(
+        "--max-job-failures",
+        type=int,
+        default=3,
+        metavar="N",
+        help="stop after N worker jobs in a row ended before their workers joined (default 3)",
     )
     start.add_argument(
         "--dry-run",
@@ -115,18 +134,25 @@ def run_start(args: argparse.Namespace) -> int:
         dashboard_address=args.dashboard_address,
     )
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    keeper = None
     try:
         if adapt:
             jobs.adapt(minimum=adapt[0], maximum=adapt[1])
+            with Client(jobs) as client:  # commands then do not wait for workers
+                client.set_metadata(cluster.ADAPTIVE_KEY, list(adapt))
             sizing = f"adapting between {adapt[0]} and {adapt[1]} workers"
         else:
-            cluster.submit_workers(jobs, args.workers or 1)
-            sizing = f"{args.workers or 1} workers requested"
+            n = args.workers or 1
+            keeper = cluster.JobKeeper(
+                jobs, args.jobqueue, n, max_failures=args.max_job_failures, say=_say
+            )
+            cluster.submit_workers(jobs, n)
+            sizing = f"{n} worker jobs requested, lost ones are replaced"
         _say(f"scheduler {jobs.scheduler_address}, {sizing}")
         _say(f"dashboard {jobs.dashboard_link}")
         _say(f"scheduler file {args.scheduler_file}: connect with --scheduler-file")
         _say("running until interrupted (Ctrl-C or SIGTERM)")
-        _follow(jobs)
+        _follow(jobs, keeper, args.check_every)
     except KeyboardInterrupt:
         pass
     finally:
@@ -147,19 +173,24 @@ def _say(message: str) -> None:
     print(f"dfre cluster: {message}", flush=True)
 
 
-def _follow(jobs) -> None:
-    """Report the number of connected workers whenever it changes."""
+def _follow(jobs, keeper, check_every: float) -> None:
+    """Report the number of connected workers whenever it changes; every ``check_every``
+    seconds let ``keeper`` replace lost jobs (its DfreError stops the cluster)."""
     seen = None
+    next_check = time.monotonic() + check_every
     while True:
         n = len(jobs.scheduler_info.get("workers", {}))
         if n != seen:
             _say(f"{n} workers connected")
             seen = n
-        time.sleep(1.0)
+        if keeper is not None and time.monotonic() >= next_check:
+            keeper.check()
+            next_check = time.monotonic() + check_every
+        time.sleep(min(1.0, check_every))
 
 
 def run_info(args: argparse.Namespace) -> int:
-    with cluster.client_from_args(args) as client:
+    with cluster.client_from_args(args, wait_for_workers=False) as client:
         if args.wait:
             try:
                 client.wait_for_workers(args.wait, timeout=args.wait_timeout)

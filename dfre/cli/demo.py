@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dfre demo: {line}", file=sys.stderr)
 
     start = time.perf_counter()
-    with store_lock(args.store, "dfre demo"), client_from_args(args):
+    with store_lock(args.store, "dfre demo", create=True), client_from_args(args):
         made = run_demo(args.store, args.out, atoms=args.atoms, models=args.models, log=log)
     minutes = (time.perf_counter() - start) / 60
     print(

@@ -43,19 +43,24 @@ def format_summary(s: dict) -> str:
         lines.append(f"  {key} ({i['type']}{missing})")
     lines.append("feature sets" + ("" if s["features"] else "  none"))
     for f in s["features"]:
+        shape = " x ".join(map(str, f["shape"]))
+        if f.get("problem"):
+            lines.append(f"  {f['name']:<32} {shape} {f['dtype']}, UNUSABLE: {f['problem']}")
+            continue
         masked = f", {f['masked_rows']} rows masked" if f["masked_rows"] else ""
         lines.append(
-            f"  {f['name']:<32} {f['shape'][0]} x {f['shape'][1]} {f['dtype']}, "
-            f"{100 * f['complete']:.1f}% complete{masked}"
+            f"  {f['name']:<32} {shape} {f['dtype']}, {100 * f['complete']:.1f}% complete{masked}"
         )
     lines.append("descriptors" + ("" if s["descriptors"] else "   none"))
     for d in s["descriptors"]:
-        lines.append(f"  {d['name']:<32} {' x '.join(map(str, d['shape']))}")
+        problem = f", UNUSABLE: {d['problem']}" if d.get("problem") else ""
+        lines.append(f"  {d['name']:<32} {' x '.join(map(str, d['shape']))}{problem}")
     lines.append("results" + ("" if s["results"] else "       none"))
     for r in s["results"]:
+        state = "" if r.get("complete", True) else ", INCOMPLETE (run it again)"
         lines.append(
             f"  {r['run']:<16} {r['kind'] or '?'} of {len(r['names'])} feature sets, "
-            f"selection {r['selection']}"
+            f"selection {r['selection']}{state}"
         )
     lines.append("sources")
     for p in s["provenance"]:

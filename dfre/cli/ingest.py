@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from dfre.data.overlap import MIN_DISTANCE
 from dfre.store import DEFAULT_CHUNK_ATOMS
 
 
@@ -34,6 +35,14 @@ def add_parser(subparsers) -> None:
         help=f"atoms per chunk of a new store and per committed batch "
         f"(default {DEFAULT_CHUNK_ATOMS})",
     )
+    p.add_argument(
+        "--min-distance",
+        type=float,
+        default=MIN_DISTANCE,
+        metavar="Å",
+        help=f"refuse a structure with two atoms closer than this (default {MIN_DISTANCE} Å: "
+        "two atoms at the same position; 0 turns the check off)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -42,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from dfre.lock import store_lock
     from dfre.store import Store
 
-    with store_lock(args.store, "dfre ingest"):
+    with store_lock(args.store, "dfre ingest", create=True):
         ingest(
             args.files,
             args.store,
@@ -51,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
             chunk_atoms=args.chunk_atoms,
             log=print,
             progress=_Progress(),
+            min_distance=args.min_distance,
         )
     store = Store.open(args.store)
     print(f"{store.path}: {store.n_structures} structures, {store.n_atoms} atoms")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 
 from dfre.cluster import add_cluster_arguments, client_from_args
 from dfre.store import DEFAULT_CHUNK_ATOMS
@@ -22,7 +23,9 @@ def add_parser(subparsers) -> None:
         "or any cluster option, use a Dask cluster.",
     )
     p.add_argument("--store", required=True, help="dfre store (created if absent)")
-    p.add_argument("--atoms", type=int, default=2000, metavar="N", help="atoms (default 2000)")
+    p.add_argument(
+        "--atoms", type=_count, default=2000, metavar="N", help="atoms (default 2000; 1e6 works)"
+    )
     p.add_argument("--seed", type=int, default=0, metavar="K", help="random seed (default 0)")
     p.add_argument(
         "--energies",
@@ -41,22 +44,36 @@ def add_parser(subparsers) -> None:
     p.set_defaults(handler=run)
 
 
+def _count(text: str) -> int:
+    """A whole number, also written like 1e6."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not math.isfinite(value) or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(value)
+
+
 def _wants_cluster(args: argparse.Namespace) -> bool:
     asked = any(getattr(args, k, None) for k in ("scheduler", "scheduler_file", "workers"))
     return asked or args.atoms >= LOCAL_ATOMS
 
 
 def run(args: argparse.Namespace) -> int:
-    from dfre.data.sample import write_sample
+    from dfre.data.sample import check_sample_size, write_sample
     from dfre.errors import DfreError
     from dfre.lock import store_lock
 
-    if args.atoms < 1:
-        raise DfreError(f"--atoms must be a positive number of atoms, not {args.atoms}")
+    check_sample_size(args.store, args.atoms)  # before a cluster starts
     if args.chunk_atoms < 1:
         raise DfreError(f"--chunk-atoms must be a positive number, not {args.chunk_atoms}")
     cluster = client_from_args(args) if _wants_cluster(args) else contextlib.nullcontext()
-    with store_lock(args.store, f"dfre sample --atoms {args.atoms}"), cluster:
+    with store_lock(args.store, f"dfre sample --atoms {args.atoms}", create=True), cluster:
         store = write_sample(
             args.store,
             args.atoms,

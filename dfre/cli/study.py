@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(f"dfre run: {line}", file=sys.stderr)
 
-    with store_lock(study.store, f"dfre run {args.study}"), client_from_args(args):
+    with store_lock(study.store, f"dfre run {args.study}", create=True), client_from_args(args):
         made = run_study(study, log=log)
     print(
         f"store {made['store']}: {len(made['results'])} results, "

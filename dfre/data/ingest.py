@@ -13,9 +13,16 @@ complete flag) are committed with it. Hence:
   between the interruption and the resumption);
 * a file already ingested completely (same sha256) is skipped with a message;
 * bad input (unreadable or malformed file, empty file, unknown format, a structure
-  with no atoms, non-finite positions or cell, unknown elements) raises
-  :class:`DfreError` naming the file and frame, and the store is rolled back to
-  what it was before the call.
+  with no atoms, non-finite positions or cell, unknown elements, two atoms at the
+  same position) raises :class:`DfreError` naming the file and frame, and the store
+  is rolled back to what it was before the call;
+* a failure of the machine (full disk, read-only or lost file system) or an
+  interruption keeps the batches committed before it: the batch being written never
+  reached its commit (Zarr writes every file under a temporary name and renames it,
+  so a failed write leaves the previous file whole), and running the same command
+  again continues after the committed batches;
+* appending to a store whose structure arrays do not decode is refused (see
+  :func:`dfre.verify.require_intact_structures`).
 
 Per-structure info: ``energy`` (the calculator's energy if the file gives one, e.g.
 ``energy=`` in an extxyz header, else an ``energy`` info key if present), ``subset``
@@ -38,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dfre.data.overlap import MIN_DISTANCE, first_overlap
 from dfre.errors import DfreError
 from dfre.lock import writes_store
 from dfre.store import (
@@ -47,6 +55,7 @@ from dfre.store import (
     StructureBlock,
     _is_empty_dir,
 )
+from dfre.verify import require_intact_structures
 
 DB_FORMATS = ("db", "json")
 SUBSET_KEYS = ("subset", "config_type")
@@ -180,9 +189,12 @@ def structure_info(atoms, subset_key: str | None, stem: str) -> dict:
     return info
 
 
-def _check_block(block: StructureBlock, origins: list[tuple[str, int]]) -> None:
-    """Refuse structures without atoms, with non-finite positions/cell or unknown Z;
-    ``origins[s]`` is the (file, frame) of structure ``s``. Vectorised over the batch."""
+def _check_block(
+    block: StructureBlock, origins: list[tuple[str, int]], min_distance: float = MIN_DISTANCE
+) -> None:
+    """Refuse structures without atoms, with non-finite positions/cell, unknown Z or two
+    atoms closer than ``min_distance`` Å; ``origins[s]`` is the (file, frame) of structure
+    ``s``. Vectorised over the batch."""
     frame_of_atom = np.repeat(np.arange(block.n_structures), block.counts)
     problems = []
     if (block.counts == 0).any():
@@ -196,6 +208,15 @@ def _check_block(block: StructureBlock, origins: list[tuple[str, int]]) -> None:
     bad_z = (block.numbers < 1) | (block.numbers > 118)
     if bad_z.any():
         problems.append((int(frame_of_atom[np.argmax(bad_z)]), "has atoms of no element (Z=0)"))
+    if not problems:
+        overlap = first_overlap(block.positions, block.counts, block.cell, block.pbc, min_distance)
+        if overlap is not None:
+            path, index = origins[overlap.structure]
+            raise DfreError(
+                f"{path} frame {index} has atoms {overlap.i} and {overlap.j} at the same position "
+                f"({overlap.distance:.3f} Å apart, closer than {min_distance:g} Å): fix or remove "
+                "that structure (or lower --min-distance)"
+            )
     if problems:
         structure, what = min(problems)
         path, index = origins[structure]
@@ -250,12 +271,13 @@ class _Batch:
     origins: list = field(default_factory=list)  # (file, frame) of each structure
     n_atoms: int = 0
     touched: dict = field(default_factory=dict)  # path -> _FileJob with news to commit
+    min_distance: float = MIN_DISTANCE
 
     def commit(self, store: Store, progress) -> None:
         records = [job.provenance() for job in self.touched.values()]
         if self.frames:
             block = StructureBlock.from_atoms(self.frames, _columns(self.infos))
-            _check_block(block, self.origins)
+            _check_block(block, self.origins, self.min_distance)
             store.append(block, records)
         elif records:
             store.update_provenance(records)
@@ -265,7 +287,7 @@ class _Batch:
         self.frames, self.infos, self.origins, self.n_atoms, self.touched = [], [], [], 0, {}
 
 
-@writes_store("dfre ingest")
+@writes_store("dfre ingest", create=True)
 def ingest(
     files: Sequence[str | os.PathLike],
     store: str | os.PathLike | Store,
@@ -275,6 +297,7 @@ def ingest(
     chunk_atoms: int = DEFAULT_CHUNK_ATOMS,
     log: Callable[[str], None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    min_distance: float = MIN_DISTANCE,
 ) -> list[IngestReport]:
     """Append the structures of ``files`` to ``store`` (created if absent).
 
@@ -282,8 +305,12 @@ def ingest(
     appends: one commit per about ``chunk_atoms`` atoms, a batch holding the frames of
     as many (small) files as fit. ``log`` receives one line per file at the end;
     ``progress(path, frames_done, atoms_added)`` is called after every commit. Returns
-    one :class:`IngestReport` per file. See the module docstring for resumption and errors.
+    one :class:`IngestReport` per file. ``min_distance`` (Å) is the closest two atoms of
+    a structure may be (0: no check; see :mod:`dfre.data.overlap`). See the module
+    docstring for resumption and errors.
     """
+    if not min_distance >= 0:
+        raise DfreError(f"--min-distance must be >= 0 Å, got {min_distance}")
     if chunk_atoms < 1:
         raise DfreError(f"--chunk-atoms must be a positive number, not {chunk_atoms}")
     paths = [os.path.abspath(os.fspath(f)) for f in files]
@@ -298,15 +325,17 @@ def ingest(
     if not isinstance(store, Store):
         store = Store.open_or_create(store, chunk_atoms=chunk_atoms)
     store._require_writable()
+    if store.n_structures:  # appending builds on the last chunks: they must decode
+        require_intact_structures(store)
     snapshot = _snapshot(store)
     try:
         jobs = _plan(store, paths, formats)
-        _read_all(store, jobs, subset_key, chunk_atoms, progress)
-    except KeyboardInterrupt:
-        raise  # committed batches stay: the next run resumes after them
-    except BaseException:
+        _read_all(store, jobs, subset_key, chunk_atoms, progress, min_distance)
+    except DfreError:  # bad input: the store goes back to what it was before the call
         _rollback(store, snapshot, remove=created, keep_folder=had_folder)
         raise
+    # Anything else (interrupt, full disk, lost mount, ...) keeps the committed batches:
+    # the failed batch never reached its commit, and the next run resumes after them.
     reports = [job.report() for job in jobs]
     if log is not None:
         for report in reports:
@@ -349,10 +378,12 @@ def _plan(store: Store, paths: list[str], formats: list[str]) -> list[_FileJob]:
     return jobs
 
 
-def _read_all(store: Store, jobs: list[_FileJob], subset_key, batch_atoms: int, progress):
+def _read_all(
+    store: Store, jobs: list[_FileJob], subset_key, batch_atoms: int, progress, min_distance
+):
     info_arrays = store.structures["info"]
     numeric = {k: info_arrays[k].dtype.kind in "fc" for k in info_arrays.array_keys()}
-    batch = _Batch()
+    batch = _Batch(min_distance=min_distance)
     for job in jobs:
         if job.status == "skipped":
             continue

@@ -454,9 +454,7 @@ def structure_fre(
 
 def _complete_cumulants(store: Any, descriptor: str) -> tuple[da.Array, dict]:
     """A stored cumulant descriptor as a lazy dask array, and its attributes."""
-    if descriptor not in store.descriptor_names():
-        store.descriptor(descriptor)  # raises the store's one-line error
-    array = store.group["descriptors"][descriptor]
+    array = store.descriptor_array(descriptor)  # unknown names, wrong rows raise
     values = da.from_zarr(array)
     attrs = dict(array.attrs)
     if attrs.get("kind") != "cumulants" or not attrs.get("complete"):

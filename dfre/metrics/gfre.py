@@ -556,8 +556,9 @@ def gfre_store(
     The store is written only after everything was computed.
     """
     from dfre.data.selection import selection_for_store
-    from dfre.store import Store
+    from dfre.store import Store, check_run_name
 
+    check_run_name(run)  # before any work
     st = store if isinstance(store, Store) else Store.open(store, mode="r+")
     names = list(names)
     if len(names) < 2:

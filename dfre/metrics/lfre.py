@@ -604,8 +604,9 @@ def lfre_store(
     is written only after everything was computed. ``options`` go to :func:`lfre_matrix`.
     """
     from dfre.data.selection import selection_for_store
-    from dfre.store import Store
+    from dfre.store import Store, check_run_name
 
+    check_run_name(run)  # before any work
     st = store if isinstance(store, Store) else Store.open(store, mode="r+")
     names = list(names)
     if not names:

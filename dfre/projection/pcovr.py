@@ -212,12 +212,7 @@ def _numeric_info(store: Any, key: str) -> np.ndarray:
 
 def _lazy_descriptor(store: Any, name: str) -> da.Array:
     """Descriptor ``name`` of ``store`` as a dask array (never loaded whole)."""
-    if name not in store.descriptor_names():
-        raise DfreError(
-            f"store {store.path} has no descriptor '{name}'; available: "
-            f"{', '.join(store.descriptor_names()) or 'none'}"
-        )
-    return da.from_zarr(store.group["descriptors"][name])
+    return da.from_zarr(store.descriptor_array(name))  # unknown names, wrong rows raise
 
 
 def project(fitted: PCovRMap, descriptor: da.Array) -> np.ndarray:
@@ -315,7 +310,7 @@ def _write(
     outliers=None,
 ):
     """Arrays first, attributes last: a group without ``kind`` is an unfinished write."""
-    group = store.create_result(run)
+    group = store.create_result(run, {"complete": False})
     outliers = np.zeros(len(fit_rows), dtype=bool) if outliers is None else outliers
     arrays = {
         "coordinates": coordinates,
@@ -328,7 +323,7 @@ def _write(
     for name, values in arrays.items():
         values = np.asarray(values)
         group.create_array(name, shape=values.shape, dtype=values.dtype)[...] = values
-    group.attrs.update(
+    group.update_attributes(  # one metadata write, the last: the result's commit point
         {
             "kind": "pcovr",
             "descriptor": descriptor,
@@ -336,5 +331,6 @@ def _write(
             "fitted_on": str(fitted_on),
             "config": fitted.config,
             "dfre_version": __version__,
+            "complete": True,
         }
     )

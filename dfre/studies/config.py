@@ -203,7 +203,7 @@ def _check_table(path: str, table: str, value: Any, index: int | None) -> dict:
     return dict(value)
 
 
-@writes_store("dfre run", argument="study")
+@writes_store("dfre run", argument="study", create=True)
 def run_study(study: Study, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every step of ``study`` on the active Dask scheduler; return what was made."""
     from dfre.store import Store
@@ -232,10 +232,10 @@ def run_study(study: Study, *, log: Callable[[str], None] = print) -> dict[str, 
 
 
 def _dataset(study: Study, folder: str, log: Callable[[str], None]) -> Any:
-    from dfre.store import Store
+    from dfre.store import Store, _is_empty_dir
 
     spec = study.get("dataset") or {}
-    exists = os.path.isdir(study.store) and bool(os.listdir(study.store))
+    exists = os.path.isdir(study.store) and not _is_empty_dir(study.store)
     if exists and "files" not in spec:
         return Store.open(study.store, mode="r+")
     chunk = spec.get("chunk_atoms", 1 << 16)
