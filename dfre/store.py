@@ -36,10 +36,11 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from dfre.errors import DfreError
+from dfre.defaults import CHUNK_ATOMS
+from dfre.errors import DfreError, did_you_mean
 
 SCHEMA_VERSION = 1
-DEFAULT_CHUNK_ATOMS = 1 << 16
+DEFAULT_CHUNK_ATOMS = CHUNK_ATOMS
 DEFAULT_CHUNK_STRUCTURES = 1 << 14
 RESULT_CHUNK = 1 << 16  # test environments per chunk of a result's per-environment arrays
 
@@ -507,9 +508,10 @@ class Store:
         try:
             return self.group["features"][name]
         except KeyError:
-            available = ", ".join(self.feature_names()) or "none"
+            names = self.feature_names()
             raise DfreError(
-                f"store {self.path} has no feature set '{name}'; available: {available}"
+                f"store {self.path} has no feature set '{name}'{did_you_mean(name, names)}; "
+                f"available: {', '.join(names) or 'none'}"
             ) from None
 
     def features(self, name: str) -> da.Array:
@@ -569,10 +571,11 @@ class Store:
         return arr
 
     def descriptor(self, name: str) -> np.ndarray:
-        if name not in self.descriptor_names():
+        names = self.descriptor_names()
+        if name not in names:
             raise DfreError(
-                f"store {self.path} has no descriptor '{name}'; available: "
-                f"{', '.join(self.descriptor_names()) or 'none'}"
+                f"store {self.path} has no descriptor '{name}'{did_you_mean(name, names)}; "
+                f"available: {', '.join(names) or 'none'}"
             )
         return np.asarray(self.group["descriptors"][name][...])
 
@@ -580,10 +583,11 @@ class Store:
         return sorted(name for name, _ in self.group["results"].groups())
 
     def result(self, run: str) -> zarr.Group:
-        if run not in self.result_names():
+        names = self.result_names()
+        if run not in names:
             raise DfreError(
-                f"store {self.path} has no results '{run}'; available: "
-                f"{', '.join(self.result_names()) or 'none'}"
+                f"store {self.path} has no results '{run}'{did_you_mean(run, names)}; "
+                f"available: {', '.join(names) or 'none'}"
             )
         return self.group["results"][run]
 

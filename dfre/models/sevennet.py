@@ -52,8 +52,30 @@ LAYERS = {
 _HOOKED_MODULES = {"bb": "reduce_input_to_hidden", "ll": "reduce_hidden_to_energy"}
 
 
+#: Checkpoint files of the ``sevenn._const`` attributes, under ``sevenn/pretrained_potentials``.
+_FILES = {
+    "SEVENNET_0_11Jul2024": "SevenNet_0__11Jul2024/checkpoint_sevennet_0.pth",
+    "SEVENNET_0_22May2024": "SevenNet_0__22May2024/checkpoint_sevennet_0.pth",
+    "SEVENNET_MF_0": "SevenNet_MF_0/checkpoint_sevennet_mf_0.pth",
+    "SEVENNET_l3i5": "SevenNet_l3i5/checkpoint_l3i5.pth",
+}
+
+
 def weights_path(constant: str) -> str:
-    """Path of a pretrained checkpoint inside the installed ``sevenn`` package."""
+    """Path of a pretrained checkpoint inside the installed ``sevenn`` package.
+
+    Found without importing ``sevenn`` (which imports torch) where the package keeps its
+    files as sevenn 0.11 does (``dfre models`` stays fast); otherwise ``sevenn._const``
+    says where.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sevenn")
+    if spec is not None and spec.submodule_search_locations and constant in _FILES:
+        root = list(spec.submodule_search_locations)[0]
+        path = os.path.join(root, "pretrained_potentials", _FILES[constant])
+        if os.path.isfile(path):
+            return path
     from sevenn import _const
 
     return getattr(_const, constant)

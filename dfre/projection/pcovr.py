@@ -48,7 +48,7 @@ from skmatter.decomposition import PCovR
 from skmatter.preprocessing import StandardFlexibleScaler
 
 from dfre import __version__
-from dfre.errors import DfreError
+from dfre.errors import DfreError, did_you_mean
 from dfre.lock import writes_store
 
 #: Target name that selects the cohesive energy per atom.
@@ -176,10 +176,11 @@ def _numeric_info(store: Any, key: str) -> np.ndarray:
 
 def _lazy_descriptor(store: Any, name: str) -> da.Array:
     """Descriptor ``name`` of ``store`` as a dask array (never loaded whole)."""
-    if name not in store.descriptor_names():
+    names = store.descriptor_names()
+    if name not in names:
         raise DfreError(
-            f"store {store.path} has no descriptor '{name}'; available: "
-            f"{', '.join(store.descriptor_names()) or 'none'}"
+            f"store {store.path} has no descriptor '{name}'{did_you_mean(name, names)}; "
+            f"available: {', '.join(names) or 'none'}"
         )
     return da.from_zarr(store.group["descriptors"][name])
 
