@@ -43,6 +43,7 @@ import dask.array as da
 import numpy as np
 from sklearn.model_selection import KFold
 
+from dfre import progress
 from dfre.data.selection import skmatter_default_split
 from dfre.errors import DfreError
 from dfre.linalg.backend import array_module, to_numpy
@@ -290,18 +291,25 @@ def _pointwise_distortion_chunk(block, rows, scaling, slices, pairs, diff, n_set
 
 def _pointwise_pass(Z, labels, models, slices, pairs, n_sets, dist_pairs):
     """Second pass over the test rows of every fold (rows in increasing order per fold)."""
+    from dfre.cluster import shared
+
     Z = Z.rechunk({1: -1})
     blocks = Z.to_delayed().ravel()
     bounds = np.cumsum((0, *Z.chunks[0]))
     errors, distortions = [], []
     for k, model in enumerate(models):
-        scaling = dask.delayed(model.scaling)
-        w = dask.delayed(model.weights)
-        diff = dask.delayed({p: model.weights[p] - model.distortion_weights[p] for p in dist_pairs})
-        for blk, lo, hi in zip(blocks, bounds[:-1], bounds[1:], strict=True):
-            rows = np.flatnonzero(labels[k, lo:hi] == TEST)
-            if not len(rows):
-                continue
+        # weights (sum of d_a d_b floats), scaling and test rows travel to the workers
+        # once, not inside the graph
+        diff = {p: model.weights[p] - model.distortion_weights[p] for p in dist_pairs}
+        tested = [
+            (blk, np.flatnonzero(labels[k, lo:hi] == TEST))
+            for blk, lo, hi in zip(blocks, bounds[:-1], bounds[1:], strict=True)
+        ]
+        tested = [(blk, rows) for blk, rows in tested if len(rows)]
+        scaling, w, diff, *chunk_rows = shared(
+            [model.scaling, model.weights, diff, *(rows for _, rows in tested)]
+        )
+        for (blk, _), rows in zip(tested, chunk_rows, strict=True):
             errors.append(
                 dask.delayed(_pointwise_chunk)(blk, rows, scaling, slices, pairs, w, n_sets)
             )
@@ -372,7 +380,10 @@ def gfre_matrix(
     labels = fold_labels(folds, n_rows, random_state=random_state, shuffle=shuffle)
 
     Z = _concatenate(arrays)
-    stats = group_statistics(Z, labels, GROUPS_PER_FOLD, solver=solver)
+    with progress.phase(
+        f"GFRE statistics pass over {n_rows:,} rows ({m} feature sets, {len(folds)} fold(s))"
+    ):
+        stats = group_statistics(Z, labels, GROUPS_PER_FOLD, solver=solver)
     _check_finite(stats, names, slices)
     models = []
     for k in range(len(folds)):
@@ -409,7 +420,8 @@ def gfre_matrix(
         selection=selection,
     )
     if pointwise:
-        pw, pd = _pointwise_pass(Z, labels, models, slices, pairs, m, dist_pairs)
+        with progress.phase(f"GFRE pointwise errors of {len(test_rows):,} test rows"):
+            pw, pd = _pointwise_pass(Z, labels, models, slices, pairs, m, dist_pairs)
         result.pointwise = pw
         result.pointwise_distortion = pd
         with np.errstate(invalid="ignore"):
