@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
+from dfre.cli.options import (
+    add_cluster_arguments,
+    add_features_argument,
+    add_force_argument,
+    add_store_argument,
+)
 
-from dfre.cluster import add_cluster_arguments, client_from_args
-from dfre.lock import store_lock
-from dfre.metrics.gfre import DEFAULT_ALPHAS, gfre_store
+#: Train rows GFRE needs in every fold: skmatter's 2-fold cross-validation of the ridge.
+MIN_TRAIN_ROWS = 2
 
 
 def _alphas(text: str) -> tuple[float, ...]:
@@ -28,16 +32,10 @@ def add_parser(subparsers) -> None:
         help="global feature reconstruction errors of every pair of feature sets",
         description="GFRE of every source→target pair of the given feature sets, from one "
         "pass over the store; written to results/<run> and printed with source rows and "
-        "target columns.",
+        "target columns. A result made from the same inputs and settings is reused.",
     )
-    p.add_argument("--store", required=True, help="path of the dfre store")
-    p.add_argument(
-        "--features",
-        nargs="+",
-        required=True,
-        metavar="MODEL/LAYER",
-        help="feature sets to compare (at least two)",
-    )
+    add_store_argument(p)
+    add_features_argument(p, "feature sets to compare (at least two)")
     p.add_argument(
         "--selection",
         default="stratified:1000",
@@ -72,16 +70,17 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--alphas",
         type=_alphas,
-        default=DEFAULT_ALPHAS,
+        default=None,
         metavar="A,B,...",
         help="alphas tried by the 2-fold CV (default: 20 from 1e-9 to 0.9, skmatter's)",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_force_argument(p)
     add_cluster_arguments(p)
     p.set_defaults(handler=run)
 
 
-def format_matrix(names: list[str], matrix: np.ndarray) -> str:
+def format_matrix(names: list[str], matrix) -> str:
     """The matrix as text: one row per source, one column per target."""
     width = max(10, *(len(n) for n in names))
     lines = ["source \\ target".ljust(width) + "".join(n.rjust(width + 2) for n in names)]
@@ -90,51 +89,91 @@ def format_matrix(names: list[str], matrix: np.ndarray) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> int:
-    from dfre.data.selection import selection_for_store
+def check_feature_names(store, names: list[str], *, at_least: int) -> None:
+    """One-line errors for unknown, repeated or too few feature sets (before a cluster)."""
     from dfre.errors import DfreError
+
+    for name in names:
+        store.feature_array(name)
+    if len(names) < at_least:
+        raise DfreError(f"give at least two feature sets to compare (got {names})")
+    if len(set(names)) != len(names):
+        raise DfreError(f"feature sets are repeated in {names}: give each once")
+
+
+def run(args) -> int:
+    from dfre import progress
+    from dfre.cluster import client_from_args
+    from dfre.data.selection import check_train_rows, selection_for_store
+    from dfre.lock import store_lock
+    from dfre.metrics.gfre import DEFAULT_ALPHAS, gfre_store
+    from dfre.reuse import gfre_settings, input_key, reusable, stamp
     from dfre.store import Store
 
     store = Store.open(args.store, mode="r+")
-    for name in args.features:  # fail on bad input before any cluster starts
-        store.feature_array(name)
-    if len(args.features) < 2:
-        raise DfreError(f"give at least two feature sets to compare (got {args.features})")
-    if len(set(args.features)) != len(args.features):
-        raise DfreError(f"feature sets are repeated in {args.features}: give each once")
+    check_feature_names(store, args.features, at_least=2)
     valid = store.valid_rows(args.features)
     selection = selection_for_store(args.selection, store, seed=args.seed, valid=valid)
-    with store_lock(args.store, "dfre gfre"), client_from_args(args):
-        result = gfre_store(
-            store,
-            args.features,
-            selection,
-            run=args.run,
-            seed=args.seed,
-            solver=args.solver,
-            pointwise=not args.no_pointwise,
-            regularization_method=args.regularization,
-            alpha_type=args.alpha_type,
-            alphas=args.alphas,
+    check_train_rows(selection, MIN_TRAIN_ROWS, "GFRE's 2-fold cross-validation")
+    options = {
+        "solver": args.solver,
+        "pointwise": not args.no_pointwise,
+        "regularization_method": args.regularization,
+        "alpha_type": args.alpha_type,
+        "alphas": args.alphas or DEFAULT_ALPHAS,
+    }
+    settings = gfre_settings(args.selection, args.seed, options)
+    key = input_key(store, "gfre", args.features, settings)
+    if not args.force and reusable(store, args.run, key):
+        progress.say(
+            f"results/{args.run}: inputs and settings unchanged, reused (--force recomputes)"
         )
+        result = stored_result(store, args.run)
+    else:
+        with store_lock(args.store, "dfre gfre"), client_from_args(args):
+            with progress.phase(f"results/{args.run}: GFRE of {len(args.features)} feature sets"):
+                fresh = gfre_store(
+                    store, args.features, selection, run=args.run, seed=args.seed, **options
+                )
+            stamp(store, args.run, key)
+        result = {
+            "names": fresh.names,
+            "matrix": fresh.matrix,
+            "alpha": fresh.alpha,
+            "cka": fresh.cka,
+            "n_test": len(fresh.test_rows),
+        }
     if args.json:
         print(
             json.dumps(
                 {
                     "run": args.run,
-                    "names": result.names,
+                    "names": result["names"],
                     "selection": args.selection,
-                    "gfre": result.matrix.tolist(),
-                    "alpha": result.alpha.tolist(),
-                    "cka": result.cka.tolist(),
-                    "n_test": int(len(result.test_rows)),
+                    "gfre": result["matrix"].tolist(),
+                    "alpha": result["alpha"].tolist(),
+                    "cka": result["cka"].tolist(),
+                    "n_test": int(result["n_test"]),
                 }
             )
         )
     else:
         print(
             f"GFRE (rows: source, columns: target), selection {args.selection}, "
-            f"{len(result.test_rows)} test environments, results/{args.run} of {args.store}"
+            f"{result['n_test']} test environments, results/{args.run} of {args.store}"
         )
-        print(format_matrix(result.names, result.matrix))
+        print(format_matrix(result["names"], result["matrix"]))
     return 0
+
+
+def stored_result(store, run: str) -> dict:
+    """Names, arrays and test size of ``results/<run>`` as :func:`run` prints them."""
+    import numpy as np
+
+    group = store.result(run)
+    arrays = {key: np.asarray(group[key][...]) for key in group.array_keys()}
+    return {
+        "names": list(group.attrs["names"]),
+        **arrays,
+        "n_test": len(arrays.get("test_rows", ())),
+    }

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 
-from dfre.cluster import add_cluster_arguments, client_from_args
-from dfre.lock import store_lock
+from dfre.cli.options import (
+    add_cluster_arguments,
+    add_features_argument,
+    add_force_argument,
+    add_store_argument,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -15,16 +19,10 @@ def add_parser(subparsers) -> None:
         description="LFRE of every source→target pair of the given feature sets (exact kNN "
         "per source, batched local ridge per neighbourhood, as scikit-matter); written to "
         "results/<run> with the per-environment errors and printed with source rows and "
-        "target columns.",
+        "target columns. A result made from the same inputs and settings is reused.",
     )
-    p.add_argument("--store", required=True, help="path of the dfre store")
-    p.add_argument(
-        "--features",
-        nargs="+",
-        required=True,
-        metavar="MODEL/LAYER",
-        help="feature sets to compare",
-    )
+    add_store_argument(p)
+    add_features_argument(p, "feature sets to compare")
     p.add_argument(
         "--k",
         default=None,
@@ -45,49 +43,83 @@ def add_parser(subparsers) -> None:
         help="also print the RMSE per subset or per element of every pair",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_force_argument(p)
     add_cluster_arguments(p)
     p.set_defaults(handler=run)
 
 
+def required_neighbours(store, names: list[str], k) -> int:
+    """The largest k any pair of ``names`` needs (each fold must train on that many rows)."""
+    from dfre.metrics.lfre import k_matrix
+
+    dims = [int(store.feature_array(name).shape[1]) for name in names]
+    return int(k_matrix(dims, k).max())
+
+
 def run(args) -> int:
-    from dfre.cli.gfre import format_matrix
-    from dfre.data.selection import selection_for_store
+    from dfre import progress
+    from dfre.cli.gfre import format_matrix, stored_result
+    from dfre.cluster import client_from_args
+    from dfre.data.selection import check_train_rows, selection_for_store
     from dfre.errors import DfreError
     from dfre.linalg.backend import gpu_available
+    from dfre.lock import store_lock
     from dfre.metrics.breakdown import breakdown
     from dfre.metrics.lfre import lfre_store, parse_k
+    from dfre.reuse import input_key, lfre_settings, reusable, stamp
     from dfre.store import Store
 
     store = Store.open(args.store, mode="r+")
     for name in args.features:  # fail on bad input before any cluster starts
         store.feature_array(name)
+    if len(set(args.features)) != len(args.features):
+        raise DfreError(f"feature sets are repeated in {args.features}: give each once")
     k = parse_k(args.k) if args.k is not None else None
     if isinstance(k, int) and k < 2:
         raise DfreError(f"--k {k}: the local 2-fold ridge needs at least 2 neighbours")
     valid = store.valid_rows(args.features)
     selection = selection_for_store(args.selection, store, seed=args.seed, valid=valid)
+    needed = required_neighbours(store, args.features, k)
+    check_train_rows(selection, needed, f"LFRE with k = {needed} neighbours")
     gpu = getattr(args, "gpu", None)
     device = "cuda" if gpu or (gpu is None and gpu_available()) else None
-    with store_lock(args.store, "dfre lfre"), client_from_args(args):
-        result = lfre_store(
-            store,
-            args.features,
-            selection,
-            k=k,
-            run=args.run,
-            seed=args.seed,
-            device=device,
+    settings = lfre_settings(args.selection, args.seed, k, {"device": device})
+    key = input_key(store, "lfre", args.features, settings)
+    if not args.force and reusable(store, args.run, key):
+        progress.say(
+            f"results/{args.run}: inputs and settings unchanged, reused (--force recomputes)"
         )
+        result = stored_result(store, args.run)
+    else:
+        with store_lock(args.store, "dfre lfre"), client_from_args(args):
+            with progress.phase(f"results/{args.run}: LFRE of {len(args.features)} feature sets"):
+                fresh = lfre_store(
+                    store,
+                    args.features,
+                    selection,
+                    k=k,
+                    run=args.run,
+                    seed=args.seed,
+                    device=device,
+                )
+            stamp(store, args.run, key)
+        result = {
+            "names": fresh.names,
+            "matrix": fresh.matrix,
+            "k": fresh.k,
+            "alpha": fresh.alpha,
+            "n_test": len(fresh.test_rows),
+        }
     table = breakdown(store, args.run, args.breakdown) if args.breakdown else None
     if args.json:
         out = {
             "run": args.run,
-            "names": result.names,
+            "names": result["names"],
             "selection": args.selection,
-            "lfre": result.matrix.tolist(),
-            "k": result.k.tolist(),
-            "alpha": result.alpha.tolist(),
-            "n_test": int(len(result.test_rows)),
+            "lfre": result["matrix"].tolist(),
+            "k": result["k"].tolist(),
+            "alpha": result["alpha"].tolist(),
+            "n_test": int(result["n_test"]),
         }
         if table is not None:
             out["breakdown"] = {"by": args.breakdown, "rows": table.to_dict(orient="records")}
@@ -95,9 +127,9 @@ def run(args) -> int:
         return 0
     print(
         f"LFRE (rows: source, columns: target), selection {args.selection}, "
-        f"{len(result.test_rows)} test environments, results/{args.run} of {args.store}"
+        f"{result['n_test']} test environments, results/{args.run} of {args.store}"
     )
-    print(format_matrix(result.names, result.matrix))
+    print(format_matrix(result["names"], result["matrix"]))
     if table is not None:
         print(f"\nRMSE per {args.breakdown}:")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

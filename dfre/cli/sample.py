@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from dfre.cluster import add_cluster_arguments, client_from_args
-from dfre.store import DEFAULT_CHUNK_ATOMS
+from dfre.cli.options import add_cluster_arguments, add_store_argument
+from dfre.defaults import CHUNK_ATOMS as DEFAULT_CHUNK_ATOMS
 
 #: Below this many atoms the sample is built in this process, without a cluster.
 LOCAL_ATOMS = 200_000
@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
         f"to the store, the same for the same --seed. Samples of {LOCAL_ATOMS} atoms or more, "
         "or any cluster option, use a Dask cluster.",
     )
-    p.add_argument("--store", required=True, help="dfre store (created if absent)")
+    add_store_argument(p, "dfre store (created if absent)")
     p.add_argument("--atoms", type=int, default=2000, metavar="N", help="atoms (default 2000)")
     p.add_argument("--seed", type=int, default=0, metavar="K", help="random seed (default 0)")
     p.add_argument(
@@ -47,6 +47,7 @@ def _wants_cluster(args: argparse.Namespace) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dfre.cluster import client_from_args
     from dfre.data.sample import write_sample
     from dfre.errors import DfreError
     from dfre.lock import store_lock
