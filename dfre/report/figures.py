@@ -34,11 +34,11 @@ MAX_ANNOTATED_CELLS = 900
 #: Colour maps of errors (0 = perfect) and of similarities (1 = identical).
 ERROR_CMAP = "viridis_r"
 SIMILARITY_CMAP = "Blues"
-#: Facets per row of a breakdown figure, at most, within this width (inches)...
+#: Facets of a breakdown figure: at most this many per row, and within this width and
+#: height (inches; about 1700 x 2300 pixels), so that a page shows them legibly.
 FACET_COLUMNS = 4
 FACET_WIDTH_INCHES = 14.0
-#: ... and rows of facets per figure.
-FACET_ROWS = 2
+FACET_HEIGHT_INCHES = 19.0
 PNG_DPI = 120
 #: Largest size (inches) :func:`save` grows a figure to while making room for its labels.
 MAX_INCHES = 30.0
@@ -209,10 +209,10 @@ def breakdown_facets(
     source: rows are the groups (``name (n=...)``, n its test environments), columns the
     targets, every facet on one colour scale.
 
-    Facets fill rows of at most :data:`FACET_WIDTH_INCHES`, and a figure holds at most
-    :data:`FACET_ROWS` rows of them, so that no figure grows beyond what a page shows
-    legibly; more sources give more figures (titled ``1/2``, ``2/2``). No figure when no
-    group has ``min_count`` test environments.
+    Facets fill rows of at most :data:`FACET_WIDTH_INCHES` and a figure holds as many
+    rows as fit in :data:`FACET_HEIGHT_INCHES`, so that no figure grows beyond what a
+    page shows legibly; more sources give more figures (titled ``1/2``, ``2/2``). No
+    figure when no group has ``min_count`` test environments.
     """
     groups, counts, facets, _ = breakdown_tables(frame, names, min_count)
     if not groups or not facets:
@@ -220,14 +220,15 @@ def breakdown_facets(
     labels = [f"{g} (n={n})" for g, n in zip(groups, counts, strict=True)]
     most_targets = max(len(t) for t, _ in facets.values())
     longest = max(len(str(name)) for targets, _ in facets.values() for name in targets)
-    cell_w = 0.55
+    cell_w = 0.5
     cell_h = 0.36 if len(groups) <= 12 else max(0.18, 0.28 * 24 / max(len(groups), 24))
     label_w = 0.3 + 0.075 * max(len(label) for label in labels)
     facet_w = 0.35 + cell_w * most_targets
     facet_h = 0.75 + 0.07 * longest + cell_h * len(groups)
     n_cols = int(max(1, min(FACET_COLUMNS, (FACET_WIDTH_INCHES - label_w) // facet_w)))
     n_cols = min(n_cols, len(facets))
-    per_figure = n_cols * FACET_ROWS
+    rows_per_figure = int(max(1, (FACET_HEIGHT_INCHES - 0.8) // facet_h))
+    per_figure = n_cols * rows_per_figure
     finite = np.concatenate([t[np.isfinite(t)] for _, t in facets.values()])
     vmax = max(1.0, float(finite.max())) if finite.size else 1.0
     items = list(facets.items())
@@ -374,7 +375,7 @@ def save(fig: Figure, directory: str | os.PathLike, stem: str) -> dict[str, str]
     :data:`MAX_INCHES`) and drawn again, letting constrained layout make the room.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from PIL import Image
+    from matplotlib.image import imsave
 
     fig.set_dpi(PNG_DPI)
     canvas = FigureCanvasAgg(fig)
@@ -386,7 +387,7 @@ def save(fig: Figure, directory: str | os.PathLike, stem: str) -> dict[str, str]
         fig.set_size_inches(min(width * 1.2, MAX_INCHES), min(height * 1.15, MAX_INCHES))
     directory = os.fspath(directory)
     paths = {ext: os.path.join(directory, f"{stem}.{ext}") for ext in ("png", "svg")}
-    Image.fromarray(np.asarray(canvas.buffer_rgba())).save(paths["png"], dpi=(PNG_DPI, PNG_DPI))
+    imsave(paths["png"], np.asarray(canvas.buffer_rgba()), dpi=PNG_DPI)
     with matplotlib.rc_context({"svg.fonttype": "none"}):
         fig.savefig(paths["svg"], format="svg")
     return paths
