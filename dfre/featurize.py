@@ -465,19 +465,11 @@ def featurize(
         return FeaturizeReport(model, name, complete, n_units, 0, 0, 0.0)
     if resources:
         _require_resources(_client_or_error(), resources)
-        info = (
-            _client_or_error()
-            .submit(
-                describe_request,
-                store.path,
-                model,
-                layers,
-                options,
-                resources=resources,
-                pure=False,
-            )
-            .result()
-        )
+    client = _client_or_none()
+    if client is not None:  # the model is loaded where it runs, once per worker process
+        info = client.submit(
+            describe_request, store.path, model, layers, options, resources=resources, pure=False
+        ).result()
     else:
         info = describe_request(store.path, model, layers, options)
     layers = info["layers"]
@@ -624,9 +616,11 @@ def check_settings(name: str, batch_atoms: int) -> None:
 
 def default_chunk_rows(n_atoms: int, store_chunk: int) -> int:
     """Rows per chunk of new feature arrays: the store's chunk size, but smaller for
-    small stores so that there are about 64 units of work (at least 2048 rows)."""
+    small stores so that there are about 64 units of work (at least 256 rows, a
+    multiple of 256), which the workers share evenly (a model's forward pass costs
+    about the same per atom from a few hundred atoms up)."""
     target = -(-n_atoms // 64)
-    target = max(2048, -(-target // 1024) * 1024)
+    target = max(256, -(-target // 256) * 256)
     return min(store_chunk, target)
 
 
@@ -672,6 +666,15 @@ def _discover_dims(store: Store, extractor: FeatureExtractor, layers: Sequence[s
     raise DfreError(
         f"model {extractor.name} cannot handle any of the first 100 structures of {store.path}"
     )
+
+
+def _client_or_none():
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
 
 
 def _client_or_error():

@@ -151,7 +151,7 @@ def load_study(path: str | os.PathLike) -> Study:
                 raise DfreError(f"study file {path}: [{table}] must be a table")
             tables[table] = _check_table(path, table, value, None)
     folder = os.path.dirname(os.path.abspath(path))
-    store = os.path.join(folder, data["store"])
+    store = os.path.normpath(os.path.join(folder, data["store"]))
     if not tables.get("dataset") and not (os.path.isdir(store) and os.listdir(store)):
         raise DfreError(
             f"store {store} does not exist and the study has no [dataset] to build it: "
