@@ -189,20 +189,31 @@ def current() -> Phase | None:
 @contextlib.contextmanager
 def phase(label: str, *, total: float | None = None, unit: str = "tasks") -> Iterator[Phase]:
     """Run a step as a :class:`Phase`: a live bar meanwhile, one timestamped line at the end
-    (``failed`` instead of ``done`` if the step raised)."""
+    (``failed`` instead of ``done`` if the step raised; nothing for a
+    :class:`~dfre.errors.DfreError`, whose own one line says what went wrong)."""
+    from dfre.errors import DfreError
+
     step = Phase(label, total=total, unit=unit)
     _PHASES.append(step)
     step._redraw(force=True)
-    outcome = "failed"
+    outcome: str | None = "failed"
     try:
         yield step
         outcome = "done"
     except KeyboardInterrupt:
         outcome = "interrupted"
         raise
+    except DfreError:
+        outcome = None
+        raise
     finally:
         _PHASES.remove(step)
-        step.finish(outcome)
+        if outcome is not None:
+            step.finish(outcome)
+        elif step._shown:
+            with _WRITE_LOCK:
+                sys.stderr.write("\r\x1b[K")
+                sys.stderr.flush()
         if _PHASES:
             _PHASES[-1]._redraw(force=True)
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from dfre import cluster, progress
+from dfre.errors import DfreError
 
 LINE = re.compile(r"^\d\d:\d\d:\d\d dfre: (?P<indent> *)(?P<label>.+): (?P<outcome>\w+) in ")
 
@@ -47,6 +48,9 @@ def test_a_failed_phase_says_so(lines, capsys):
     with pytest.raises(ValueError), progress.phase("doomed"):
         raise ValueError("x")
     assert LINE.match(capsys.readouterr().err)["outcome"] == "failed"
+    with pytest.raises(DfreError), progress.phase("bad input found"):
+        raise DfreError("one line says it")  # and nothing more: the CLI prints that line
+    assert capsys.readouterr().err == ""
 
 
 def test_a_terminal_gets_a_bar_with_counts_elapsed_time_and_eta(bars, capsys):

@@ -48,14 +48,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(handler=run)
 
 
-def required_neighbours(store, names: list[str], k) -> int:
-    """The largest k any pair of ``names`` needs (each fold must train on that many rows)."""
-    from dfre.metrics.lfre import k_matrix
-
-    dims = [int(store.feature_array(name).shape[1]) for name in names]
-    return int(k_matrix(dims, k).max())
-
-
 def run(args) -> int:
     from dfre import progress
     from dfre.cli.gfre import format_matrix, stored_result
@@ -68,6 +60,7 @@ def run(args) -> int:
     from dfre.metrics.lfre import lfre_store, parse_k
     from dfre.reuse import input_key, lfre_settings, reusable, stamp
     from dfre.store import Store
+    from dfre.studies.steps import required_neighbours
 
     store = Store.open(args.store, mode="r+")
     for name in args.features:  # fail on bad input before any cluster starts

@@ -386,8 +386,12 @@ def gfre_matrix(
         stats = group_statistics(Z, labels, GROUPS_PER_FOLD, solver=solver)
     _check_finite(stats, names, slices)
     models = []
-    for k in range(len(folds)):
-        models.append(_fit_fold(stats, k, names, slices, settings, pairs, dist_pairs, solver))
+    with progress.phase(
+        f"GFRE ridge fits of {len(pairs)} pairs", total=len(folds), unit="fold(s)"
+    ) as step:
+        for k in range(len(folds)):
+            models.append(_fit_fold(stats, k, names, slices, settings, pairs, dist_pairs, solver))
+            step.advance()
 
     matrix = np.full((m, m), np.nan)
     alpha = np.full((m, m), np.nan)

@@ -475,7 +475,7 @@ def report_header(context: _StoreContext, groups: dict[str, Any]):
     from ase.data import chemical_symbols
 
     from dfre.report.html import Header
-    from dfre.studies.steps import masked_atoms
+    from dfre.studies.steps import masked_atoms, masked_text
 
     store = context.store
     numbers = store.numbers()
@@ -485,7 +485,8 @@ def report_header(context: _StoreContext, groups: dict[str, Any]):
     facts = [
         (
             "Dataset",
-            f"{store.path}: {store.n_structures:,} structures, {store.n_atoms:,} atoms "
+            f"{os.path.normpath(str(store.path))}: {store.n_structures:,} structures, "
+            f"{store.n_atoms:,} atoms "
             f"(atomic environments), {len(elements)} elements "
             f"({', '.join(chemical_symbols[z] for z in elements[:30])}"
             f"{', ...' if len(elements) > 30 else ''})",
@@ -538,12 +539,8 @@ def report_header(context: _StoreContext, groups: dict[str, Any]):
         facts.append(
             (
                 "Masked atoms",
-                "; ".join(
-                    f"{m['model']}: {m['atoms']} atoms in {m['structures']} structure(s), "
-                    f"{m['reason']}"
-                    for m in masked
-                )
-                + " (left out of every comparison with that model)",
+                "; ".join(masked_text(record) for record in masked)
+                + " (left out of every comparison with those models)",
             )
         )
     findings = []
@@ -558,8 +555,8 @@ def report_header(context: _StoreContext, groups: dict[str, Any]):
     intro = (
         "How much of the information in one set of atomic features can be rebuilt from "
         "another: reconstruction errors between the latent features of machine-learning "
-        "interatomic potentials, after Comparing the latent features of universal "
-        "machine-learning interatomic potentials."
+        'interatomic potentials, as in the paper "Comparing the latent features of '
+        'universal machine-learning interatomic potentials".'
     )
     return Header(facts=facts, findings=findings, intro=intro)
 

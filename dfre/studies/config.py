@@ -446,7 +446,7 @@ def _report(store: Any, spec: dict, folder: str, runs: list[str], log: Callable[
     from dfre.report import DEFAULT_MIN_COUNT, make_report
     from dfre.report.chemiscope import export_chemiscope
 
-    out = os.path.join(folder, spec.get("out", "report"))
+    out = os.path.normpath(os.path.join(folder, spec.get("out", "report")))
     report = make_report(
         store, out, runs or None, min_count=spec.get("min_count", DEFAULT_MIN_COUNT)
     )
@@ -479,15 +479,10 @@ def summary_text(made: dict[str, Any], seconds: float) -> list[str]:
         )
     masked = made.get("masked")
     if masked:
-        atoms = sum(m["atoms"] for m in masked)
-        lines.append(
-            f"masked: {atoms} atoms the models cannot handle, left out of their comparisons:"
-        )
-        for m in masked:
-            lines.append(
-                f"  {m['model']}: {m['atoms']} atoms in {m['structures']} structure(s): "
-                f"{m['reason']}"
-            )
+        from dfre.studies.steps import masked_text
+
+        lines.append("masked: atoms a model cannot handle, left out of its comparisons:")
+        lines += [f"  {masked_text(record)}" for record in masked]
     elif masked is not None:
         lines.append("masked: no atoms (every model handled every structure)")
     lines.append(

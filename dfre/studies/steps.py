@@ -275,6 +275,7 @@ class Steps:
         """FRE between the cumulant orders of ``descriptor`` (Fig. 8); returns the run."""
         from dfre.descriptors.cumulants import cumulant_order_study
 
+        _require_descriptor(self.store, descriptor)
         run = run or f"{metric}-orders-{descriptor}"
         settings = {"metric": metric, "selection": selection, "seed": seed, "k": k}
         key = input_key(self.store, "cumulant-orders", [descriptor], settings)
@@ -302,6 +303,8 @@ class Steps:
         """FRE between the cumulant descriptors of several models (Fig. S10)."""
         from dfre.descriptors.cumulants import cross_model_cumulants
 
+        for descriptor in descriptors:
+            _require_descriptor(self.store, descriptor)
         run = run or f"{metric}-cumulants"
         settings = {"metric": metric, "selection": selection, "seed": seed, "k": k}
         key = input_key(self.store, "cross-model-cumulants", list(descriptors), settings)
@@ -327,6 +330,7 @@ class Steps:
         """A PCovR map of ``descriptor`` (options of :func:`dfre.projection.pcovr_map`)."""
         from dfre.projection.pcovr import pcovr_map
 
+        _require_descriptor(self.store, descriptor)
         run = run or f"pcovr-{descriptor}"
         energy = options.get("energy_key", "energy")
         target = options.get("target")
@@ -342,6 +346,12 @@ class Steps:
             pcovr_map(self.store, descriptor, run=run, **options)
         stamp(self.store, run, key)
         return run
+
+
+def _require_descriptor(store: Any, name: str) -> None:
+    """A one-line error (with a suggestion) for a descriptor the store does not hold."""
+    if name not in store.descriptor_names():
+        store.descriptor(name)  # raises the store's error
 
 
 def required_neighbours(store: Any, names: Sequence[str], k: Any) -> int:
@@ -379,19 +389,41 @@ def check_structure_selection(
 
 
 def masked_atoms(store: Any) -> list[dict]:
-    """Atoms each model could not handle: one record per model and reason.
+    """Atoms the models could not handle, one record per reason and set of structures.
 
-    Each record: ``model``, ``reason`` (as featurize recorded it), ``structures`` and
-    ``atoms`` (counts); these atoms are left out of every comparison with that model.
+    Each record: ``reason`` (as featurize recorded it), ``structures`` (their indices),
+    ``atoms`` (their number) and ``models`` (every model that masked exactly these
+    structures for this reason); the atoms are left out of every comparison with those
+    models.
     """
-    records: dict[tuple[str, str], dict] = {}
-    counts = store.counts
+    by_model: dict[str, dict[str, list[int]]] = {}
     features = store.group["features"]
     for model in sorted(features.group_keys()):
         for index, reason in dict(features[model].attrs.get("masked", {})).items():
+            by_model.setdefault(model, {}).setdefault(reason, []).append(int(index))
+    records: dict[tuple, dict] = {}
+    counts = store.counts
+    for model, reasons in by_model.items():
+        for reason, structures in reasons.items():
+            structures = sorted(structures)
             entry = records.setdefault(
-                (model, reason), {"model": model, "reason": reason, "structures": 0, "atoms": 0}
+                (reason, tuple(structures)),
+                {
+                    "reason": reason,
+                    "structures": structures,
+                    "atoms": int(counts[structures].sum()),
+                    "models": [],
+                },
             )
-            entry["structures"] += 1
-            entry["atoms"] += int(counts[int(index)])
+            entry["models"].append(model)
     return list(records.values())
+
+
+def masked_text(record: dict) -> str:
+    """One record of :func:`masked_atoms` in words."""
+    structures = record["structures"]
+    which = ", ".join(str(s) for s in structures[:5]) + (" ..." if len(structures) > 5 else "")
+    return (
+        f"{record['atoms']} atoms in {len(structures)} structure(s) ({which}): "
+        f"{record['reason']}; masked for {', '.join(record['models'])}"
+    )
