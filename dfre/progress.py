@@ -44,6 +44,8 @@ from typing import Any
 MODE_ENV = "DFRE_PROGRESS"
 #: Seconds between two redraws of a bar.
 REDRAW_SECONDS = 0.2
+#: How often the scheduler reports task counts (a computation ends at most this late).
+FEED_INTERVAL = "50ms"
 BAR_WIDTH = 24
 
 _PHASES: list[Phase] = []
@@ -125,19 +127,24 @@ class Phase:
             self.done += amount
         self._redraw()
 
-    def bar_line(self) -> str:
-        """The live line: label, bar, counts, elapsed time and estimated time left."""
+    def bar_line(self, width: int = 1000) -> str:
+        """The live line: label, bar, counts, elapsed time and estimated time left, at
+        most ``width`` characters (the label is shortened first)."""
         elapsed = self.elapsed
         indent = "  " * self.depth
         if not self.total:
-            return f"{indent}{self.label} | {duration(elapsed)}"
-        done = min(self.done, self.total)
-        filled = int(BAR_WIDTH * done / self.total)
-        eta = duration(elapsed * (self.total - done) / done) if done else "?"
-        return (
-            f"{indent}{self.label} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] "
-            f"{_count(done)}/{_count(self.total)} {self.unit} | {duration(elapsed)}, ETA {eta}"
-        )
+            tail = f" | {duration(elapsed)}"
+        else:
+            done = min(self.done, self.total)
+            filled = int(BAR_WIDTH * done / self.total)
+            eta = duration(elapsed * (self.total - done) / done) if done else "?"
+            tail = (
+                f" [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] "
+                f"{_count(done)}/{_count(self.total)} {self.unit} | {duration(elapsed)}, ETA {eta}"
+            )
+        room = width - len(indent) - len(tail)
+        label = self.label if len(self.label) <= room else self.label[: max(room - 1, 0)] + "…"
+        return f"{indent}{label}{tail}"[:width]
 
     def _redraw(self, force: bool = False) -> None:
         if not self.live:
@@ -150,7 +157,7 @@ class Phase:
             return  # an inner phase owns the line
         width = shutil.get_terminal_size((100, 20)).columns - 1
         with _WRITE_LOCK:
-            sys.stderr.write("\r\x1b[K" + self.bar_line()[:width])
+            sys.stderr.write("\r\x1b[K" + self.bar_line(width))
             sys.stderr.flush()
             self._shown = True
 
@@ -254,12 +261,13 @@ def compute(*collections: Any, label: str | None = None, **kwargs: Any) -> tuple
 
     step = current()
     client = _client()
-    if client is None or kwargs.get("scheduler") not in (None, client):
+    # as dask.compute: dask collections inside lists, tuples and dicts are computed too
+    found, repack = dask.base.unpack_collections(*collections)
+    scheduler = dask.base.get_scheduler(collections=found, scheduler=kwargs.get("scheduler"))
+    if client is None or scheduler != client.get:  # Dask's local schedulers
         with _LocalTasks(step):
             return dask.compute(*collections, **kwargs)
     kwargs.pop("scheduler", None)
-    # as dask.compute: dask collections inside lists, tuples and dicts are computed too
-    found, repack = dask.base.unpack_collections(*collections)
     futures = client.compute(found, **kwargs)
     try:
         _follow(futures, step)
@@ -309,15 +317,16 @@ def _scheduler_progress_class():
     class SchedulerProgress(TextProgressBar):
         """distributed's task-level progress feed, drawn into a :class:`Phase`.
 
-        The scheduler sends the counts over a connection of its own every 200 ms, so this
-        works with any scheduler the client reaches. Blocks until the tasks end.
+        The scheduler sends the counts over a connection of its own every
+        :data:`FEED_INTERVAL`, so this works with any scheduler the client reaches.
+        Blocks until the tasks end.
         """
 
         def __init__(self, futures: list, step: Phase):
             self.step = step
             self.base = step.done if step.unit == "tasks" else 0.0
             super().__init__(
-                futures, scheduler=futures[0].client.scheduler.address, interval="200ms"
+                futures, scheduler=futures[0].client.scheduler.address, interval=FEED_INTERVAL
             )
 
         def _draw_bar(self, remaining: int, all: int, **kwargs: Any) -> None:
