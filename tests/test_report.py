@@ -415,3 +415,18 @@ def test_breakdown_leaves_out_pairs_not_computed():
     left_out = figures.breakdown_facets(frame, ["a", "b", "c"], title="t", group_label="subset",
                                         min_count=3)  # fmt: skip
     assert left_out == []
+
+
+def test_figures_are_drawn_on_the_cluster_workers_alike(report_store, tmp_path):
+    from dfre import cluster
+
+    store, _, _ = report_store
+    here = make_report(store, tmp_path / "here", ["gfre", "pcovr"])
+    with cluster.connected(n_workers=2, dashboard_address=":0", quiet=True, gpu=False):
+        there = make_report(store, tmp_path / "there", ["gfre", "pcovr"])
+    names = sorted(os.path.basename(p) for p in here.figures)
+    assert names == sorted(os.path.basename(p) for p in there.figures) and len(names) == 10
+    for name in names:
+        assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "there" / name).read_bytes()
+    page = (tmp_path / "there" / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == 5

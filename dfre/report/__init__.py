@@ -79,11 +79,15 @@ class Report:
 
 
 class _Figures:
-    """Saves figures into the report folder and attaches them to sections.
+    """Draws the figures of a report and attaches them to their sections.
 
-    A figure whose key (its result's files and settings, the report code, the options)
-    is the one recorded in the folder's :data:`MANIFEST` from an earlier report, and
-    whose files are still there, is not drawn again.
+    :meth:`add` records what to draw; :meth:`draw` draws everything at the end: on the
+    workers of the active distributed cluster when there is one (each task returns the
+    PNG and SVG bytes, written here, so the workers need not see the report folder),
+    else here, one after the other. A figure whose key (its result's files and
+    settings, the report code, the options) is the one recorded in the folder's
+    :data:`MANIFEST` by an earlier report, and whose files are still there, is not
+    drawn again.
     """
 
     def __init__(self, out_dir: str):
@@ -97,38 +101,86 @@ class _Figures:
             self.previous = {}
         self.current: dict[str, Any] = {}
         self.key = ""
+        self.jobs: list[tuple] = []  # (section, place, stem, make, caption, wide)
 
     def add(self, section, make, stem: str, caption: str, *, wide: bool = False) -> None:
         """Attach the figures ``make()`` returns (one, a list, or None) to ``section`` as
         ``<stem>`` (or ``<stem>-1``, ``<stem>-2``, ... for several)."""
-        from dfre.report import figures as fig
-        from dfre.report.html import FigureFile
-
         stem = _safe(stem)
         old = self.previous.get(stem) or {}
         stems = old.get("stems")
-        if (
-            old.get("key") != self.key
-            or stems is None
-            or not all(os.path.isfile(self._path(s, ext)) for s in stems for ext in ("png", "svg"))
-        ):
-            made = make()
-            made = [] if made is None else made if isinstance(made, list) else [made]
-            stems = [stem] if len(made) == 1 else [f"{stem}-{i}" for i in range(1, len(made) + 1)]
-            for figure, name in zip(made, stems, strict=True):
-                fig.save(figure, self.out_dir, name)
-        self.current[stem] = {"key": self.key, "stems": stems}
-        for name in stems:
-            png, svg = self._path(name, "png"), self._path(name, "svg")
-            section.figures.append(FigureFile(caption, png, svg, wide=wide))
-            self.written += [png, svg]
+        up_to_date = (
+            old.get("key") == self.key
+            and stems is not None
+            and all(os.path.isfile(self._path(s, ext)) for s in stems for ext in ("png", "svg"))
+        )
+        place: list = []  # filled with the FigureFiles when drawn
+        section.figures.append(place)
+        self.jobs.append((section, place, stem, None if up_to_date else make, caption, wide))
+        self.current[stem] = {"key": self.key, "stems": stems if up_to_date else None}
+
+    def draw(self) -> None:
+        """Draw what is not up to date and put every figure in its place."""
+        from dfre.report.html import FigureFile
+
+        todo = [job for job in self.jobs if job[3] is not None]
+        drawn = _draw_all([(stem, make) for _, _, stem, make, _, _ in todo])
+        for (_, _, stem, _, _, _), files in zip(todo, drawn, strict=True):
+            for name, png, svg in files:
+                for ext, data in (("png", png), ("svg", svg)):
+                    with open(self._path(name, ext), "wb") as fh:
+                        fh.write(data)
+            self.current[stem]["stems"] = [name for name, _, _ in files]
+        for section, place, stem, _, caption, wide in self.jobs:
+            for name in self.current[stem]["stems"]:
+                png, svg = self._path(name, "png"), self._path(name, "svg")
+                place.append(FigureFile(caption, png, svg, wide=wide))
+                self.written += [png, svg]
+            index = next(i for i, item in enumerate(section.figures) if item is place)
+            section.figures[index : index + 1] = place
+        with open(self.path, "w", encoding="utf-8") as fh:
+            json.dump(self.current, fh, indent=1)
 
     def _path(self, stem: str, ext: str) -> str:
         return os.path.join(self.out_dir, f"{stem}.{ext}")
 
-    def finish(self) -> None:
-        with open(self.path, "w", encoding="utf-8") as fh:
-            json.dump(self.current, fh, indent=1)
+
+def draw_figures(stem: str, make) -> list[tuple[str, bytes, bytes]]:
+    """``(name, PNG bytes, SVG bytes)`` of the figures ``make()`` returns (a Dask task)."""
+    import tempfile
+
+    from dfre.report import figures as fig
+
+    made = make()
+    made = [] if made is None else made if isinstance(made, list) else [made]
+    names = [stem] if len(made) == 1 else [f"{stem}-{i}" for i in range(1, len(made) + 1)]
+    files = []
+    with tempfile.TemporaryDirectory(prefix="dfre-figure-") as folder:
+        for figure, name in zip(made, names, strict=True):
+            paths = fig.save(figure, folder, name)
+            with open(paths["png"], "rb") as png, open(paths["svg"], "rb") as svg:
+                files.append((name, png.read(), svg.read()))
+    return files
+
+
+def _draw_all(jobs: list[tuple[str, Any]]) -> list[list[tuple[str, bytes, bytes]]]:
+    """:func:`draw_figures` of every job, on the cluster's workers when there is one."""
+    if not jobs:
+        return []
+    client = progress._client() if len(jobs) > 1 else None
+    with progress.phase(f"drawing {len(jobs)} figures", total=len(jobs), unit="figures") as step:
+        if client is None:
+            drawn = []
+            for stem, make in jobs:
+                drawn.append(draw_figures(stem, make))
+                step.advance()
+            return drawn
+        from distributed import as_completed
+
+        futures = client.map(draw_figures, *zip(*jobs, strict=True), pure=False)
+        for _ in as_completed(futures):
+            step.advance()
+        return client.gather(futures)
 
 
 def _figure_key(store: Any, run: str, attrs: dict, min_count: int) -> str:
@@ -183,9 +235,6 @@ def make_report(
 
     ``min_count``: breakdowns leave out subsets and elements with fewer test environments.
     """
-    from dfre.report import figures as fig
-    from dfre.report.html import Section, render_html
-
     available = store.result_names()
     if not available:
         raise DfreError(
@@ -200,21 +249,36 @@ def make_report(
     context = _StoreContext(store)
     figures = _Figures(out_dir)
     sections, skipped, curves = [], [], []
-    with progress.phase(f"report of {len(runs)} results", total=len(runs), unit="results") as step:
-        for run, group in groups.items():
-            attrs = dict(group.attrs)
-            kind = attrs.get("kind")
-            figures.key = _figure_key(store, run, attrs, min_count)
-            if kind in FRE_KINDS:
-                section, curve = fre_section(context, figures, run, group, min_count)
-                if curve is not None:
-                    curves.append(curve)
-                sections.append(section)
-            elif kind == "pcovr":
-                sections.append(pcovr_section(context, figures, run, group))
-            else:
-                skipped.append(run)
-            step.advance()
+    with progress.phase(f"report of {len(runs)} results in {out_dir}"):
+        with progress.phase(
+            f"reading {len(runs)} results", total=len(runs), unit="results"
+        ) as step:
+            for run, group in groups.items():
+                attrs = dict(group.attrs)
+                kind = attrs.get("kind")
+                figures.key = _figure_key(store, run, attrs, min_count)
+                if kind in FRE_KINDS:
+                    section, curve = fre_section(context, figures, run, group, min_count)
+                    if curve is not None:
+                        curves.append(curve)
+                    sections.append(section)
+                elif kind == "pcovr":
+                    sections.append(pcovr_section(context, figures, run, group))
+                else:
+                    skipped.append(run)
+                step.advance()
+        page = _assemble(out_dir, context, figures, groups, sections, skipped, curves)
+    html_path = os.path.join(out_dir, "index.html")
+    with open(html_path, "w", encoding="utf-8") as fh:
+        fh.write(page)
+    return Report(html_path, figures.written, skipped)
+
+
+def _assemble(out_dir, context, figures, groups, sections, skipped, curves) -> str:
+    """Checkpoint curves, notes, the figures drawn, ``runs.json``: the page as a string."""
+    from dfre.report import figures as fig
+    from dfre.report.html import Section, render_html
+
     if curves:
         section = Section("FRE along training checkpoints", anchor="checkpoints")
         figures.key = _digest(json.dumps(curves, sort_keys=True, default=str))
@@ -236,19 +300,15 @@ def make_report(
                 ],
             )
         )
-    figures.finish()
+    figures.draw()
     with open(os.path.join(out_dir, SETTINGS_FILE), "w", encoding="utf-8") as fh:
         json.dump({run: dict(g.attrs) for run, g in groups.items()}, fh, indent=2, default=str)
-    page = render_html(
+    return render_html(
         "dfre report",
         sections,
         header=report_header(context, groups),
         settings_file=SETTINGS_FILE,
     )
-    html_path = os.path.join(out_dir, "index.html")
-    with open(html_path, "w", encoding="utf-8") as fh:
-        fh.write(page)
-    return Report(html_path, figures.written, skipped)
 
 
 # ---------------------------------------------------------------------- sections
@@ -378,8 +438,9 @@ def pcovr_section(context: _StoreContext, figures: _Figures, run: str, group: An
         f"Each point is a structure, placed by principal covariates regression of the "
         f"descriptor {attrs.get('descriptor', run)} ({config.get('n_components', 2)} "
         f"components, mixing {config.get('mixing', 0.5)}) fitted on "
-        f"{config.get('n_fit', '?')} structures with a known {label}: nearby points have "
-        "similar descriptors and, along PCov 1 chiefly, similar targets. "
+        f"{config.get('n_fit', '?')} structures with a known {label}: points close "
+        "together have similar descriptors, and the colours show how the target varies "
+        "over the map. "
         f"{int((~np.isfinite(target)).sum())} structures without a target are grey crosses."
     )
     figures.add(
@@ -555,8 +616,8 @@ def report_header(context: _StoreContext, groups: dict[str, Any]):
     intro = (
         "How much of the information in one set of atomic features can be rebuilt from "
         "another: reconstruction errors between the latent features of machine-learning "
-        'interatomic potentials, as in the paper "Comparing the latent features of '
-        'universal machine-learning interatomic potentials".'
+        "interatomic potentials, as in the paper “Comparing the latent features of "
+        "universal machine-learning interatomic potentials”."
     )
     return Header(facts=facts, findings=findings, intro=intro)
 

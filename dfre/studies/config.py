@@ -105,6 +105,8 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "report": {"out": str, "chemiscope": str, "max_structures": int, "min_count": int},
 }
 ARRAY_TABLES = ("compare", "checkpoints")
+#: Sample datasets of this many atoms or more are built on the cluster (as `dfre sample`).
+LARGE_SAMPLE_ATOMS = 200_000
 METRICS = ("gfre", "lfre")
 
 
@@ -211,15 +213,27 @@ def run_study(
     :func:`dfre.studies.steps.masked_atoms`) and ``report`` (the page) if one was made.
     """
     from dfre.store import Store
-    from dfre.studies.steps import Steps, masked_atoms
 
     made: dict[str, Any] = {"store": study.store, "results": [], "descriptors": [], "stages": []}
     folder = os.path.dirname(os.path.abspath(study.path))
     plan = _plan(study)
     stage = _StageLog(plan, log, made["stages"])
-    with stage("dataset"):
-        stage.note(_dataset(study, folder, log))
-    store = Store.open(study.store, mode="r+")
+    with contextlib.ExitStack() as started:
+        spec = study.get("dataset") or {}
+        new = not (os.path.isdir(study.store) and os.listdir(study.store))
+        if cluster is not None and new and spec.get("sample_atoms", 0) >= LARGE_SAMPLE_ATOMS:
+            started.enter_context(cluster())  # a large sample is built by the cluster
+            cluster = None
+        with stage("dataset"):
+            stage.note(_dataset(study, folder, log))
+        store = Store.open(study.store, mode="r+")
+        _run_steps(study, store, folder, stage, made, log, cluster, force)
+    return made
+
+
+def _run_steps(study, store, folder, stage, made, log, cluster, force) -> None:
+    from dfre.studies.steps import Steps, masked_atoms
+
     with Steps(store, cluster=cluster, force=force) as steps:
         stage.steps = steps
         features = study.get("features")
@@ -246,7 +260,6 @@ def run_study(
             with stage("report"):
                 made["report"] = _report(store, report, folder, made["results"], log)
                 stage.note(made["report"])
-    return made
 
 
 def _plan(study: Study) -> dict[str, str]:
