@@ -31,6 +31,7 @@ computation runs, so the command line starts fast.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import sys
@@ -300,26 +301,29 @@ def persist(obj: Any, label: str | None = None) -> Any:
 
 
 def _follow(futures: list, step: Phase | None) -> None:
-    """Wait for ``futures`` while the scheduler reports their tasks to ``step``."""
+    """Wait for ``futures``; the scheduler reports their tasks to ``step`` meanwhile
+    (unless the phase counts other work, e.g. atoms, that tasks report themselves)."""
     if not futures:
         return
-    if step is None:
+    if step is None or (step.unit != "tasks" and step.total):
         from distributed import wait
 
         wait(futures)
         return
-    _SchedulerProgress(futures, step)
+    _scheduler_feed()(futures, step)
 
 
-def _scheduler_progress_class():
+@functools.cache
+def _scheduler_feed():
+    """A subclass of distributed's text progress bar that draws into a :class:`Phase`."""
     from distributed.diagnostics.progressbar import TextProgressBar
 
-    class SchedulerProgress(TextProgressBar):
+    class SchedulerFeed(TextProgressBar):
         """distributed's task-level progress feed, drawn into a :class:`Phase`.
 
         The scheduler sends the counts over a connection of its own every
         :data:`FEED_INTERVAL`, so this works with any scheduler the client reaches.
-        Blocks until the tasks end.
+        Blocks until the tasks end. Counts add to the tasks the phase counted before.
         """
 
         def __init__(self, futures: list, step: Phase):
@@ -333,19 +337,9 @@ def _scheduler_progress_class():
             self.step.update(done=self.base + all - remaining, total=self.base + all, unit="tasks")
 
         def _draw_stop(self, remaining: int = 0, all: int = 0, **kwargs: Any) -> None:
-            self.step.update(done=self.base + all - remaining, total=self.base + all, unit="tasks")
+            self._draw_bar(remaining, all)
 
-    return SchedulerProgress
-
-
-def _SchedulerProgress(futures: list, step: Phase) -> None:
-    if step.unit != "tasks" and step.total:
-        # the phase counts other work (atoms): wait without replacing its counts
-        from distributed import wait
-
-        wait(futures)
-        return
-    _scheduler_progress_class()(futures, step)
+    return SchedulerFeed
 
 
 class _LocalTasks:

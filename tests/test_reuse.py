@@ -59,7 +59,8 @@ def test_gfre_is_reused_until_an_input_or_a_setting_changes(store_path, capsys):
     made = files_of(store_path, "gfre")
 
     again_out, again_err = gfre(store_path, capsys)
-    assert "results/gfre: inputs and settings unchanged, reused" in again_err
+    reused = "results/gfre: GFRE of 2 feature sets: inputs and settings unchanged, reused"
+    assert f"{reused} (--force recomputes)" in again_err
     assert "Dask dashboard" not in again_err  # no cluster was started
     assert again_out == first_out and files_of(store_path, "gfre") == made
 
@@ -84,7 +85,8 @@ def test_lfre_is_reused_and_a_new_mask_recomputes_it(store_path, capsys):
     first = capsys.readouterr()
     assert main([*argv, *LOCAL]) == 0
     again = capsys.readouterr()
-    assert "results/lfre: inputs and settings unchanged, reused" in again.err
+    reused = "results/lfre: LFRE of 2 feature sets: inputs and settings unchanged, reused"
+    assert reused in again.err
     assert again.out == first.out
     store = Store.open(store_path, mode="r+")
     group = store.group["features"]["ma"]

@@ -12,9 +12,6 @@ from dfre.cli.options import (
     add_store_argument,
 )
 
-#: Train rows GFRE needs in every fold: skmatter's 2-fold cross-validation of the ridge.
-MIN_TRAIN_ROWS = 2
-
 
 def _alphas(text: str) -> tuple[float, ...]:
     try:
@@ -89,60 +86,29 @@ def format_matrix(names: list[str], matrix) -> str:
     return "\n".join(lines)
 
 
-def check_feature_names(store, names: list[str], *, at_least: int) -> None:
-    """One-line errors for unknown, repeated or too few feature sets (before a cluster)."""
-    from dfre.errors import DfreError
-
-    for name in names:
-        store.feature_array(name)
-    if len(names) < at_least:
-        raise DfreError(f"give at least two feature sets to compare (got {names})")
-    if len(set(names)) != len(names):
-        raise DfreError(f"feature sets are repeated in {names}: give each once")
-
-
 def run(args) -> int:
-    from dfre import progress
     from dfre.cluster import client_from_args
-    from dfre.data.selection import check_train_rows, selection_for_store
     from dfre.lock import store_lock
-    from dfre.metrics.gfre import DEFAULT_ALPHAS, gfre_store
-    from dfre.reuse import gfre_settings, input_key, reusable, stamp
+    from dfre.metrics.gfre import DEFAULT_ALPHAS
     from dfre.store import Store
+    from dfre.studies.steps import Steps
 
     store = Store.open(args.store, mode="r+")
-    check_feature_names(store, args.features, at_least=2)
-    valid = store.valid_rows(args.features)
-    selection = selection_for_store(args.selection, store, seed=args.seed, valid=valid)
-    check_train_rows(selection, MIN_TRAIN_ROWS, "GFRE's 2-fold cross-validation")
-    options = {
-        "solver": args.solver,
-        "pointwise": not args.no_pointwise,
-        "regularization_method": args.regularization,
-        "alpha_type": args.alpha_type,
-        "alphas": args.alphas or DEFAULT_ALPHAS,
-    }
-    settings = gfre_settings(args.selection, args.seed, options)
-    key = input_key(store, "gfre", args.features, settings)
-    if not args.force and reusable(store, args.run, key):
-        progress.say(
-            f"results/{args.run}: inputs and settings unchanged, reused (--force recomputes)"
+    steps = Steps(store, cluster=lambda: client_from_args(args), force=args.force)
+    with store_lock(args.store, "dfre gfre"), steps:
+        steps.compare(
+            "gfre",
+            args.features,
+            args.selection,
+            run=args.run,
+            seed=args.seed,
+            solver=args.solver,
+            pointwise=not args.no_pointwise,
+            regularization_method=args.regularization,
+            alpha_type=args.alpha_type,
+            alphas=args.alphas or DEFAULT_ALPHAS,
         )
-        result = stored_result(store, args.run)
-    else:
-        with store_lock(args.store, "dfre gfre"), client_from_args(args):
-            with progress.phase(f"results/{args.run}: GFRE of {len(args.features)} feature sets"):
-                fresh = gfre_store(
-                    store, args.features, selection, run=args.run, seed=args.seed, **options
-                )
-            stamp(store, args.run, key)
-        result = {
-            "names": fresh.names,
-            "matrix": fresh.matrix,
-            "alpha": fresh.alpha,
-            "cka": fresh.cka,
-            "n_test": len(fresh.test_rows),
-        }
+    result = stored_result(store, args.run)
     if args.json:
         print(
             json.dumps(

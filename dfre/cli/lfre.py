@@ -49,60 +49,29 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from dfre import progress
     from dfre.cli.gfre import format_matrix, stored_result
     from dfre.cluster import client_from_args
-    from dfre.data.selection import check_train_rows, selection_for_store
     from dfre.errors import DfreError
     from dfre.linalg.backend import gpu_available
     from dfre.lock import store_lock
     from dfre.metrics.breakdown import breakdown
-    from dfre.metrics.lfre import lfre_store, parse_k
-    from dfre.reuse import input_key, lfre_settings, reusable, stamp
+    from dfre.metrics.lfre import parse_k
     from dfre.store import Store
-    from dfre.studies.steps import required_neighbours
+    from dfre.studies.steps import Steps
 
-    store = Store.open(args.store, mode="r+")
-    for name in args.features:  # fail on bad input before any cluster starts
-        store.feature_array(name)
-    if len(set(args.features)) != len(args.features):
-        raise DfreError(f"feature sets are repeated in {args.features}: give each once")
     k = parse_k(args.k) if args.k is not None else None
     if isinstance(k, int) and k < 2:
         raise DfreError(f"--k {k}: the local 2-fold ridge needs at least 2 neighbours")
-    valid = store.valid_rows(args.features)
-    selection = selection_for_store(args.selection, store, seed=args.seed, valid=valid)
-    needed = required_neighbours(store, args.features, k)
-    check_train_rows(selection, needed, f"LFRE with k = {needed} neighbours")
+    store = Store.open(args.store, mode="r+")
     gpu = getattr(args, "gpu", None)
     device = "cuda" if gpu or (gpu is None and gpu_available()) else None
-    settings = lfre_settings(args.selection, args.seed, k, {"device": device})
-    key = input_key(store, "lfre", args.features, settings)
-    if not args.force and reusable(store, args.run, key):
-        progress.say(
-            f"results/{args.run}: inputs and settings unchanged, reused (--force recomputes)"
-        )
-        result = stored_result(store, args.run)
-    else:
-        with store_lock(args.store, "dfre lfre"), client_from_args(args):
-            with progress.phase(f"results/{args.run}: LFRE of {len(args.features)} feature sets"):
-                fresh = lfre_store(
-                    store,
-                    args.features,
-                    selection,
-                    k=k,
-                    run=args.run,
-                    seed=args.seed,
-                    device=device,
-                )
-            stamp(store, args.run, key)
-        result = {
-            "names": fresh.names,
-            "matrix": fresh.matrix,
-            "k": fresh.k,
-            "alpha": fresh.alpha,
-            "n_test": len(fresh.test_rows),
-        }
+    steps = Steps(store, cluster=lambda: client_from_args(args), force=args.force)
+    with store_lock(args.store, "dfre lfre"), steps:
+        steps.compare(
+            "lfre", args.features, args.selection, run=args.run, seed=args.seed, k=k,
+            device=device,
+        )  # fmt: skip
+    result = stored_result(store, args.run)
     table = breakdown(store, args.run, args.breakdown) if args.breakdown else None
     if args.json:
         out = {

@@ -86,8 +86,10 @@ class Steps:
             self._stack.enter_context(self._cluster_factory())
         self.cluster_started = True
 
-    def _reused(self, what: str, detail: str = "inputs and settings unchanged") -> None:
-        progress.say(f"{what}: {detail}, reused")
+    def _reused(
+        self, what: str, detail: str = "inputs and settings unchanged", hint: bool = True
+    ) -> None:
+        progress.say(f"{what}: {detail}, reused" + (" (--force recomputes)" if hint else ""))
         self.records.append(Record(self.stage, what, 0.0, reused=True))
 
     @contextlib.contextmanager
@@ -113,7 +115,7 @@ class Steps:
 
         done = featurize_is_complete(self.store, model, layers)
         if done:  # featurize only ever computes what is missing: nothing to force
-            self._reused(f"features {model}", f"{', '.join(done)} complete")
+            self._reused(f"features {model}", f"{', '.join(done)} complete", hint=False)
             return None
         self.compute_here()
         start = time.perf_counter()
@@ -147,9 +149,14 @@ class Steps:
         run: str,
         seed: int = 0,
         k: int | str | None = None,
-        solver: str = "gram",
+        **options: Any,
     ) -> str:
-        """GFRE or LFRE of ``names`` into ``results/<run>``; returns ``run``."""
+        """GFRE or LFRE of ``names`` into ``results/<run>``; returns ``run``.
+
+        ``k`` (LFRE) and ``options`` (e.g. ``solver``, ``alphas`` of GFRE, ``device`` of
+        LFRE) go to :func:`dfre.metrics.gfre_store` / :func:`dfre.metrics.lfre_store`;
+        they and the selection are the settings of the result's key.
+        """
         from dfre.data.selection import check_train_rows, selection_for_store
 
         names = list(names)
@@ -157,14 +164,18 @@ class Steps:
             self.store.feature_array(name)
         if metric not in ("gfre", "lfre"):
             raise DfreError(f"metric must be 'gfre' or 'lfre' (got {metric!r})")
+        if len(set(names)) != len(names):
+            raise DfreError(f"feature sets are repeated in {names}: give each once")
+        if metric == "gfre" and len(names) < 2:
+            raise DfreError(f"give at least two feature sets to compare (got {names})")
         chosen = selection_for_store(
             selection, self.store, seed=seed, valid=self.store.valid_rows(names)
         )
         if metric == "gfre":
-            settings = gfre_settings(selection, seed, {"solver": solver, "pointwise": True})
+            settings = gfre_settings(selection, seed, options)
             check_train_rows(chosen, GFRE_MIN_TRAIN, "GFRE's 2-fold cross-validation")
         else:
-            settings = lfre_settings(selection, seed, k, {})
+            settings = lfre_settings(selection, seed, k, options)
             needed = required_neighbours(self.store, names, k)
             check_train_rows(chosen, needed, f"LFRE with k = {needed} neighbours")
         key = input_key(self.store, metric, names, settings)
@@ -176,11 +187,11 @@ class Steps:
             if metric == "gfre":
                 from dfre.metrics.gfre import gfre_store
 
-                gfre_store(self.store, names, chosen, run=run, seed=seed, solver=solver)
+                gfre_store(self.store, names, chosen, run=run, seed=seed, **options)
             else:
                 from dfre.metrics.lfre import lfre_store
 
-                lfre_store(self.store, names, chosen, k=k, run=run, seed=seed)
+                lfre_store(self.store, names, chosen, k=k, run=run, seed=seed, **options)
         stamp(self.store, run, key)
         return run
 
