@@ -389,18 +389,22 @@ def _feature_names(store: Any, names: list | None) -> list[str]:
 
 def _compare(steps: Any, spec: dict) -> list[str]:
     names = _feature_names(steps.store, spec.get("features"))
-    return [
-        steps.compare(
-            metric,
-            names,
-            spec.get("selection", "stratified:1000"),
-            run=f"{metric}-{spec['name']}",
-            seed=spec.get("seed", 0),
-            k=spec.get("k"),
-            solver=spec.get("solver", "gram"),
+    runs = []
+    for metric in spec.get("metrics", list(METRICS)):
+        options = {"solver": spec.get("solver", "gram")} if metric == "gfre" else {}
+        if metric == "lfre":
+            options["k"] = spec.get("k")
+        runs.append(
+            steps.compare(
+                metric,
+                names,
+                spec.get("selection", "stratified:1000"),
+                run=f"{metric}-{spec['name']}",
+                seed=spec.get("seed", 0),
+                **options,
+            )
         )
-        for metric in spec.get("metrics", list(METRICS))
-    ]
+    return runs
 
 
 def _checkpoints(steps: Any, spec: dict) -> list[str]:
