@@ -237,6 +237,16 @@ def test_local_cluster_sized_to_the_machine():
         assert isinstance(client.cluster, LocalCluster)
         assert len(workers) == 2
         assert all(w["nthreads"] == max(1, dask.system.CPU_COUNT // 2) for w in workers)
+        malloc = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+        assert set(malloc.values()) == {cluster.WORKER_MALLOC["MALLOC_TRIM_THRESHOLD_"]}
+
+
+def test_worker_malloc_settings_yield_to_the_dask_config():
+    environment = cluster.worker_environment()
+    assert environment["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)
+    assert str(environment["OMP_NUM_THREADS"]) == "1"  # Dask's own settings stay
+    with dask.config.set({cluster.PRE_SPAWN: {"MALLOC_TRIM_THRESHOLD_": 1000}}):
+        assert cluster.worker_environment() == {"MALLOC_TRIM_THRESHOLD_": 1000}
 
 
 # ---------------------------------------------------------------------- progress
