@@ -347,15 +347,16 @@ def compute(*collections: Any, label: str, **kwargs: Any) -> tuple:
 def shared(values: list) -> list:
     """``values`` as arguments of many tasks, without embedding them in a task graph.
 
-    With a distributed client they are scattered to the workers once (each value
-    becomes a future that tasks depend on); Dask's local schedulers pass Python objects
-    as they are. Large arrays (row labels, weights) given this way keep the graphs sent
-    to the scheduler small.
+    With a distributed client they are scattered to every worker once (each value
+    becomes a future that tasks depend on; a copy on each worker, so that losing a
+    worker loses no value: scattered data cannot be recomputed); Dask's local
+    schedulers pass Python objects as they are. Large arrays (row labels, weights)
+    given this way keep the graphs sent to the scheduler small.
     """
     client = _current_client()
     if client is None or not values:
         return list(values)
-    return client.scatter(list(values), hash=False)
+    return client.scatter(list(values), hash=False, broadcast=True)
 
 
 def _current_client() -> Client | None:

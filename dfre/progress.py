@@ -59,7 +59,14 @@ def live() -> bool:
     mode = os.environ.get(MODE_ENV, "").strip().lower()
     if mode in ("bar", "lines"):
         return mode == "bar"
-    return "ipykernel" in sys.modules or _isatty(sys.stderr)
+    return _in_kernel() or _isatty(sys.stderr)
+
+
+def _in_kernel() -> bool:
+    """Whether this code runs in a Jupyter kernel (whose output shows ``\r`` redraws)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return getattr(shell, "kernel", None) is not None
 
 
 def _isatty(stream: Any) -> bool:

@@ -158,7 +158,7 @@ def test_a_mistyped_run_name_gets_a_suggestion(store_path, tmp_path, capsys):
          "cross-validation needs at least 2: ask for fewer test rows"),
         (["lfre", "--features", "ma/x", "mb/y", "--selection", "random:{most}"],
          "selection 'random:{most}' leaves 3 train rows but LFRE with k = 5 neighbours "
-         "needs at least 5: ask for fewer test rows"),
+         "needs at least 5: lower k (--k) or ask for fewer test rows"),
         (["lfre", "--features", "ma/x", "mb/y", "--selection", "kfold:5000"],
          "selection 'kfold:5000' asks for 5000 folds but only {all} valid rows exist: ask "
          "for at most {all} folds (kfold:2 to kfold:{all})"),

@@ -39,6 +39,8 @@ from dfre.reuse import (
 
 #: Train rows GFRE needs in every fold (skmatter's 2-fold cross-validation of the ridge).
 GFRE_MIN_TRAIN = 2
+#: What to do when LFRE's k exceeds the train rows.
+LOWER_K = "lower k (--k) or ask for fewer test rows"
 
 
 @dataclass
@@ -177,7 +179,7 @@ class Steps:
         else:
             settings = lfre_settings(selection, seed, k, options)
             needed = required_neighbours(self.store, names, k)
-            check_train_rows(chosen, needed, f"LFRE with k = {needed} neighbours")
+            check_train_rows(chosen, needed, f"LFRE with k = {needed} neighbours", LOWER_K)
         key = input_key(self.store, metric, names, settings)
         what = f"results/{run}: {metric.upper()} of {len(names)} feature sets"
         if not self.force and reusable(self.store, run, key):
@@ -339,12 +341,13 @@ class Steps:
     # ---------------------------------------------------------------- maps
     def pcovr(self, descriptor: str, *, run: str | None = None, **options: Any) -> str:
         """A PCovR map of ``descriptor`` (options of :func:`dfre.projection.pcovr_map`)."""
-        from dfre.projection.pcovr import pcovr_map
+        from dfre.projection.pcovr import COHESIVE_ENERGY, pcovr_map, store_target
 
         _require_descriptor(self.store, descriptor)
         run = run or f"pcovr-{descriptor}"
         energy = options.get("energy_key", "energy")
         target = options.get("target")
+        store_target(self.store, target or COHESIVE_ENERGY, energy_key=energy)  # a bad target
         info = [f"structures/info/{key}" for key in (energy, target) if key]
         key = input_key(
             self.store, "pcovr", [descriptor], options, arrays=["structures/numbers", *info]
@@ -396,7 +399,7 @@ def check_structure_selection(
         check_train_rows(chosen, GFRE_MIN_TRAIN, "GFRE's 2-fold cross-validation")
     else:
         needed = int(k_matrix(list(widths), k).max())
-        check_train_rows(chosen, needed, f"LFRE with k = {needed} neighbours")
+        check_train_rows(chosen, needed, f"LFRE with k = {needed} neighbours", LOWER_K)
 
 
 def masked_atoms(store: Any) -> list[dict]:
