@@ -23,6 +23,8 @@ reported with the reason; the run continues.
 
 from __future__ import annotations
 
+import functools
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -33,6 +35,8 @@ from typing import Any
 import dask
 import numpy as np
 
+from dfre import progress as _progress
+from dfre.defaults import BATCH_ATOMS
 from dfre.errors import DfreError
 from dfre.lock import writes_store
 from dfre.models.base import (
@@ -44,7 +48,7 @@ from dfre.models.base import (
 )
 from dfre.store import Store, require_free_space
 
-DEFAULT_BATCH_ATOMS = 2048
+DEFAULT_BATCH_ATOMS = BATCH_ATOMS
 #: Most structure/reason pairs kept in the attributes of the model group.
 MAX_RECORDED_MASKED = 10_000
 #: Seconds between checks, while no task finishes, that the workers a run needs are there.
@@ -220,6 +224,7 @@ def featurize_frames(
     prefetch: int = 0,
     graph_processes: int = 0,
     dims: dict[str, int] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, dict[int, str]]:
     """Features of ``frames`` in batches, tolerating structures the model cannot handle.
 
@@ -229,6 +234,8 @@ def featurize_frames(
     ``graph_processes`` processes (for GPUs, where graph building on one core cannot
     keep up with the forward pass); ``max(prefetch, 2 * graph_processes)`` batches are
     built ahead. With neither, graphs are built just before each forward pass.
+    ``on_batch(n_atoms)`` is called after each batch (and once for the structures
+    skipped before any batch), so that progress shows within a task.
     """
     counts = np.array([len(a) for a in frames], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)])
@@ -248,6 +255,8 @@ def featurize_frames(
         [(ok[i], frames[ok[i]]) for i in group]
         for group in batches_by_atoms(counts[ok], batch_atoms)
     ]
+    if on_batch is not None and reasons:
+        on_batch(int(counts[list(reasons)].sum()))
 
     threads = None
     if graph_processes > 0:
@@ -278,6 +287,8 @@ def featurize_frames(
                     pending.append(submit(groups[index + len(pending)]))
                 built, failed = pending.popleft().result()
             reasons.update(failed)
+            if on_batch is not None:
+                on_batch(sum(len(atoms) for _, atoms in group))
             if not built:
                 continue
             result = _forward_or_isolate(extractor, built, layers, reasons)
@@ -342,10 +353,12 @@ def featurize_unit(
     prefetch: int = 0,
     graph_processes: int = 0,
     torch_threads: int | None = None,
+    progress_topic: str | None = None,
 ) -> dict:
     """The Dask task: featurize one write unit and record it done after the write.
 
-    Returns ``{"unit": (c_lo, c_hi), "atoms": n, "masked": {structure: reason}}``.
+    Returns ``{"unit": (c_lo, c_hi), "atoms": n, "masked": {structure: reason}}``. The
+    atoms of each batch are reported to ``progress_topic`` (:func:`dfre.progress.report`).
     """
     set_torch_threads(torch_threads)
     extractor = load_extractor(model, device, **(options or {}))
@@ -360,6 +373,7 @@ def featurize_unit(
         prefetch=prefetch,
         graph_processes=graph_processes,
         dims={layer: group[layer].shape[1] for layer in layers},
+        on_batch=functools.partial(_progress.report, progress_topic),
     )
     own = slice(unit.row_lo - unit.first_row, unit.row_hi - unit.first_row)
     group["_mask"][unit.row_lo : unit.row_hi] = mask[own]
@@ -461,10 +475,15 @@ def featurize(
     if not store.writable:
         store = Store.open(store.path, mode="r+")
     options = dict(options or {})
+    complete = featurize_is_complete(store, model, layers, name=name, options=options)
+    if complete:  # decided from the store alone: no model is loaded
+        n_units = len(
+            plan_units(store.offsets, store.group["features"][name][complete[0]].chunks[0])
+        )
+        return FeaturizeReport(model, name, complete, n_units, 0, 0, 0.0)
     client = _client_or_error() if resources else _current_client()
     placement = _placement(client, model, resources)
-    if client is not None and (placement or not get_spec(model).package_available()):
-        # the model lives on other workers (another environment): check it there
+    if client is not None:  # the model is loaded where it runs (its environment), once
         info = client.submit(
             describe_request, store.path, model, layers, options, pure=False, **placement
         ).result()
@@ -511,24 +530,33 @@ def featurize(
     require_free_space(store.path, needed, f"features of {name} ({len(todo)} units)")
 
     start = time.perf_counter()
-    tasks = [
-        dask.delayed(featurize_unit, pure=False)(
-            store.path,
-            model,
-            name,
-            unit_layers,
-            unit,
-            device=device,
-            options=options,
-            batch_atoms=batch_atoms,
-            prefetch=prefetch,
-            graph_processes=graph_processes,
-            torch_threads=torch_threads,
-            dask_key_name=f"featurize-{name}-{unit.c_lo}-{unit.c_hi}-{time.time_ns()}",
-        )
-        for unit, unit_layers in todo
-    ]
-    results = _compute_as_completed(tasks, progress, placement, model)
+    # every atom a task computes, straddling structures included
+    total = sum(int(store.offsets[u.s_hi] - store.offsets[u.s_lo]) for u, _ in todo)
+    label = f"features {name} ({', '.join(layers)})"
+    with (
+        _progress.phase(label, total=total, unit="atoms") as step,
+        _progress.listening(step) as topic,
+    ):
+        tasks = [
+            dask.delayed(featurize_unit, pure=False)(
+                store.path,
+                model,
+                name,
+                unit_layers,
+                unit,
+                device=device,
+                options=options,
+                batch_atoms=batch_atoms,
+                prefetch=prefetch,
+                graph_processes=graph_processes,
+                torch_threads=torch_threads,
+                progress_topic=topic,
+                dask_key_name=f"featurize-{name}-{unit.c_lo}-{unit.c_hi}-{time.time_ns()}",
+            )
+            for unit, unit_layers in todo
+        ]
+        results = _compute_as_completed(tasks, progress, placement, model)
+        step.update(done=total)
     seconds = time.perf_counter() - start
     masked: dict[int, str] = {}
     for result in results:
@@ -575,6 +603,56 @@ def _done_chunks(
     return done, [str(problem) for problem in problems]
 
 
+def featurize_is_complete(
+    store: Store,
+    model: str,
+    layers: Sequence[str] | None = None,
+    *,
+    name: str | None = None,
+    options: dict | None = None,
+) -> list[str]:
+    """The layers asked for, if the store already holds all of them complete; else ``[]``.
+
+    Decided from the store and the registry alone, without loading the model: every
+    layer (default: all the model offers) exists with one row per atom, every chunk is
+    recorded done, and the arrays were made by registry model ``model`` with weights of
+    the same sha256 as the weights file here. Models with other loader options than a
+    weights file (hooks, fidelities given as options) are never taken as complete.
+    """
+    from dfre.models.base import file_sha256, get_spec
+
+    spec = get_spec(model)
+    options = dict(options or {})
+    path = options.pop("path", None)
+    options.pop("trust_checkpoint", None)
+    wanted = list(layers) if layers else list(spec.layers)
+    name = name or model
+    features = store.group["features"]
+    if options or not wanted or name not in features.group_keys():
+        return []
+    try:
+        weights = path or (None if spec.needs_file else spec.weights())
+    except Exception:  # a package that cannot locate its own weights: let the loader say
+        return []
+    if not weights or not os.path.isfile(weights):
+        return []
+    sha = file_sha256(weights)
+    group = features[name]
+    arrays = set(group.array_keys())
+    for layer in wanted:
+        if layer not in arrays or f"_done_{layer}" not in arrays:
+            return []
+        attrs = group[layer].attrs
+        if group[layer].shape[0] != store.n_atoms or attrs.get("registry_name") != model:
+            return []
+        if attrs.get("weights_sha256") != sha:
+            return []
+        done = np.asarray(group[f"_done_{layer}"][...], dtype=bool)
+        if len(done) != -(-store.n_atoms // group[layer].chunks[0]) or not done.all():
+            return []
+    return wanted
+
+
 def check_settings(
     name: str,
     batch_atoms: int,
@@ -601,9 +679,11 @@ def check_settings(
 
 def default_chunk_rows(n_atoms: int, store_chunk: int) -> int:
     """Rows per chunk of new feature arrays: the store's chunk size, but smaller for
-    small stores so that there are about 64 units of work (at least 2048 rows)."""
+    small stores so that there are about 64 units of work (at least 256 rows, a
+    multiple of 256), which the workers share evenly (a model's forward pass costs
+    about the same per atom from a few hundred atoms up)."""
     target = -(-n_atoms // 64)
-    target = max(2048, -(-target // 1024) * 1024)
+    target = max(256, -(-target // 256) * 256)
     return min(store_chunk, target)
 
 

@@ -38,10 +38,11 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from dfre.errors import DfreError
+from dfre.defaults import CHUNK_ATOMS
+from dfre.errors import DfreError, did_you_mean
 
 SCHEMA_VERSION = 1
-DEFAULT_CHUNK_ATOMS = 1 << 16
+DEFAULT_CHUNK_ATOMS = CHUNK_ATOMS
 DEFAULT_CHUNK_STRUCTURES = 1 << 14
 RESULT_CHUNK = 1 << 16  # test environments per chunk of a result's per-environment arrays
 
@@ -534,9 +535,10 @@ class Store:
         except KeyError:
             array = None
         if not isinstance(array, zarr.Array) or name.rpartition("/")[2].startswith("_"):
-            available = ", ".join(self.feature_names()) or "none"
+            names = self.feature_names()
             raise DfreError(
-                f"store {self.path} has no feature set '{name}'; available: {available}"
+                f"store {self.path} has no feature set '{name}'{did_you_mean(name, names)}; "
+                f"available: {', '.join(names) or 'none'}"
             )
         return array
 
@@ -621,10 +623,11 @@ class Store:
 
     def descriptor_array(self, name: str) -> zarr.Array:
         """The Zarr array of descriptor ``name``, one row per structure (checked)."""
-        if name not in self.descriptor_names():
+        names = self.descriptor_names()
+        if name not in names:
             raise DfreError(
-                f"store {self.path} has no descriptor '{name}'; available: "
-                f"{', '.join(self.descriptor_names()) or 'none'}"
+                f"store {self.path} has no descriptor '{name}'{did_you_mean(name, names)}; "
+                f"available: {', '.join(names) or 'none'}"
             )
         array = self.group["descriptors"][name]
         if array.shape[0] != self.n_structures:
@@ -647,10 +650,11 @@ class Store:
 
     def result(self, run: str) -> zarr.Group:
         check_run_name(run)
-        if run not in self.result_names(incomplete=True):
+        names = self.result_names(incomplete=True)
+        if run not in names:
             raise DfreError(
-                f"store {self.path} has no results '{run}'; available: "
-                f"{', '.join(self.result_names()) or 'none'}"
+                f"store {self.path} has no results '{run}'{did_you_mean(run, names)}; "
+                f"available: {', '.join(names) or 'none'}"
             )
         group = self.group["results"][run]
         if group.attrs.get("complete") is False:

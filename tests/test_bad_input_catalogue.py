@@ -71,6 +71,10 @@ CASES = [
     # feature sets and descriptors
     ("gfre-unknown-feature-set", "gfre --store {S} --features a/x zz/y",
      "store {S} has no feature set 'zz/y'; available: a/x, b/x"),
+    ("gfre-mistyped-feature-set", "gfre --store {S} --features a/x b/xx",
+     "store {S} has no feature set 'b/xx' (did you mean 'b/x'?); available: a/x, b/x"),
+    ("info-two-stores", "info {S} --store {D}/other.zarr",
+     "two stores given ({S} and --store {D}/other.zarr): give one"),
     ("gfre-one-feature-set", "gfre --store {S} --features a/x",
      "give at least two feature sets to compare (got ['a/x'])"),
     ("gfre-repeated-feature-set", "gfre --store {S} --features a/x a/x",
@@ -95,10 +99,17 @@ CASES = [
      "selection 'kfold:1' needs at least 2 folds"),
     ("selection-structures", "cumulants --store {S} --features a/x --order 2 --study gfre "
      "--selection kfold:100",
-     "selection 'kfold:100' asks for 100 test items but only 10 valid rows exist: ask for fewer"),
+     "selection 'kfold:100' asks for 100 folds but only 10 valid rows exist: ask for at most "
+     "10 folds (kfold:2 to kfold:10)"),
+    ("selection-no-train-rows", "gfre --store {S} --features a/x b/x --selection random:202",
+     "selection 'random:202' leaves 0 train rows but GFRE's 2-fold cross-validation needs at "
+     "least 2: ask for fewer test rows"),
     # models
     ("model-unknown", "featurize --store {S} --model nosuch-model",
      f"unknown model 'nosuch-model'; known models: {MODELS} (see `dfre models`)"),
+    ("model-mistyped", "featurize --store {S} --model sevennet-l3i4",
+     f"unknown model 'sevennet-l3i4' (did you mean 'sevennet-l3i5'?); known models: {MODELS} "
+     "(see `dfre models`)"),
     ("model-unknown-layer", "featurize --store {S} --model chgnet-0.3.0 --layers xx",
      "model chgnet-0.3.0 has no layer xx; it offers: bb, ll"),
     ("model-unknown-option", "featurize --store {S} --model sevennet-0 --option nope=1",

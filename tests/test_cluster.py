@@ -182,8 +182,9 @@ def check_connected(client, dask_cluster, store_path, local_result, capsys):
     np.testing.assert_allclose(gram, local_result[0], rtol=1e-14, atol=1e-12)
     np.testing.assert_array_equal(sums, local_result[1])
     err = capsys.readouterr().err
-    assert "dfre: Dask dashboard: http://" in err
-    assert "dfre: gram pass: done," in err
+    assert re.search(r"^\d\d:\d\d:\d\d dfre: Dask dashboard http://", err, flags=re.M)
+    assert re.search(r"^\d\d:\d\d:\d\d dfre: gram pass: done in [\d.]+ s, \d+ tasks$", err,
+                     flags=re.M)  # fmt: skip
 
 
 def test_by_address(dask_cluster, store_path, local_result, capsys):
@@ -236,6 +237,16 @@ def test_local_cluster_sized_to_the_machine():
         assert isinstance(client.cluster, LocalCluster)
         assert len(workers) == 2
         assert all(w["nthreads"] == max(1, dask.system.CPU_COUNT // 2) for w in workers)
+        malloc = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+        assert set(malloc.values()) == {cluster.WORKER_MALLOC["MALLOC_TRIM_THRESHOLD_"]}
+
+
+def test_worker_malloc_settings_yield_to_the_dask_config():
+    environment = cluster.worker_environment()
+    assert environment["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)
+    assert str(environment["OMP_NUM_THREADS"]) == "1"  # Dask's own settings stay
+    with dask.config.set({cluster.PRE_SPAWN: {"MALLOC_TRIM_THRESHOLD_": 1000}}):
+        assert cluster.worker_environment() == {"MALLOC_TRIM_THRESHOLD_": 1000}
 
 
 # ---------------------------------------------------------------------- progress
@@ -245,7 +256,8 @@ def test_progress_helpers_without_a_client(store_path, capsys):
     persisted = cluster.progress(sums, "sums persisted")
     np.testing.assert_array_equal(persisted.compute(scheduler="sync"), expected)
     err = capsys.readouterr().err
-    assert "dfre: sums: done in" in err and "dfre: sums persisted: done in" in err
+    assert re.search(r"dfre: sums: done in [\d.]+ s, \d+ tasks", err)
+    assert "dfre: sums persisted: done in" in err
 
 
 def test_progress_on_the_cluster_counts_tasks(dask_cluster, store_path, capsys):
@@ -255,17 +267,36 @@ def test_progress_on_the_cluster_counts_tasks(dask_cluster, store_path, capsys):
         assert all(f.status == "finished" for f in client.futures_of(persisted))
         n_unoptimized = len(gram.__dask_graph__())
     err = capsys.readouterr().err
-    match = re.search(r"dfre: gram persisted: done, (\d+) tasks in", err)
+    match = re.search(r"dfre: gram persisted: done in [\d.]+ s, (\d+) tasks", err)
     assert match, err
     # every task of the (optimised) graph, not just the one output chunk
     assert gram.numblocks[0] * gram.numblocks[1] < int(match.group(1)) <= n_unoptimized
+
+
+def test_gfre_draws_live_bars_on_an_external_cluster(dask_cluster, store_path, capsys, monkeypatch):
+    """On a terminal, the GFRE passes show bars fed by the external scheduler itself."""
+    from dfre.metrics.gfre import gfre_store
+
+    monkeypatch.setattr("dfre.progress.REDRAW_SECONDS", 0.0)
+    monkeypatch.setenv("DFRE_PROGRESS", "bar")
+    with cluster.connected(scheduler_file=dask_cluster[1], quiet=True):
+        gfre_store(Store.open(store_path, mode="r+"), list(FEATURES), "random:100", run="bars")
+    err = capsys.readouterr().err
+    bars = re.findall(r"GFRE statistics pass [^\r\n]*\[[#.]+\] (\d+)/(\d+) tasks \| [^\r\n]*ETA",
+                      err)  # fmt: skip
+    assert bars, err
+    done, total = map(int, bars[-1])
+    assert done == total > 1
+    assert re.search(
+        r"dfre: GFRE pointwise errors of 100 test rows: done in [\d.]+ s, \d+ tasks", err
+    )
 
 
 # ---------------------------------------------------------------------- bad input
 def one_line_error(capsys) -> str:
     """The single error line of a failed command (after at most the dashboard line)."""
     err = capsys.readouterr().err
-    lines = [line for line in err.strip().splitlines() if not line.startswith("dfre: Dask")]
+    lines = [line for line in err.strip().splitlines() if "dfre: Dask dashboard" not in line]
     assert len(lines) == 1 and lines[0].startswith("dfre: error: "), err
     return lines[0]
 

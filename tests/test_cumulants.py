@@ -4,6 +4,7 @@ store round trip, and bad input."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from fractions import Fraction
 from math import factorial
@@ -263,6 +264,8 @@ def test_cli_cumulants_writes_descriptor_and_prints_notice(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "descriptors/cumulants-toy-ll-M3" in out
     assert "dfre: notice: toy/ll: 1 structure(s) have a single atom" in err
+    assert re.search(r"^\d\d:\d\d:\d\d dfre: descriptors/cumulants-toy-ll-M3: cumulants of "
+                     r"toy/ll up to order 3: done in", err, re.M)  # fmt: skip
     values = Store.open(tmp_path / "s.zarr").descriptor("cumulants-toy-ll-M3")
     np.testing.assert_allclose(values, structure_cumulants(features, [0, 3, 4, 10], 3))
 

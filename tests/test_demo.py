@@ -4,6 +4,7 @@ resumable re-run, the resolution of the embedded study file, and one-line errors
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -22,7 +23,8 @@ def test_demo_end_to_end_and_rerun(tmp_path, capsys):
     store_path, out = tmp_path / "demo.zarr", tmp_path / "report"
     args = ["demo", "--atoms", "200", "--models", ",".join(MODELS)]
     assert main([*args, "--store", str(store_path), "--out", str(out), *LOCAL]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert f"report: {out / 'index.html'}" in printed
     assert f"dfre run {out / 'study.toml'}" in printed
 
@@ -56,11 +58,29 @@ def test_demo_end_to_end_and_rerun(tmp_path, capsys):
     assert (out / "gfre-cross-model-gfre.png").stat().st_size > 1000
     assert os.path.normpath(load_study(out / "study.toml").store) == str(store_path)
 
-    # Re-run on the same store (default scheduler): nothing is featurized again.
+    # timestamped stage lines as the stages start, a closing summary of what ran
+    assert re.search(r"^\d\d:\d\d:\d\d dfre demo: \[1/8\] dataset: ", captured.err, re.M)
+    assert re.search(r"^\d\d:\d\d:\d\d dfre demo: \[8/8\] report: ", captured.err, re.M)
+    assert "dfre demo: done in " in printed and "masked: " in printed
+    assert re.search(r"^  compare cross-model +[\d.]+ s .*2 computed", printed, re.M)
+    assert "CHGNet" not in captured.out + captured.err  # the model's own messages stay quiet
+
+    # Re-run on the same store: everything is up to date, no cluster starts, only the
+    # report is written.
     logs: list[str] = []
-    made = run_demo(store_path, out, atoms=200, models=MODELS, log=logs.append)
-    computed = [line for line in logs if line.startswith("features ")]
-    assert len(computed) == 2 and all(" 0 atoms computed" in line for line in computed)
+    started = []
+    made = run_demo(
+        store_path, out, atoms=200, models=MODELS, log=logs.append,
+        cluster=lambda: started.append(True),
+    )  # fmt: skip
+    assert started == []
+    assert [line.split(":")[0] for line in logs] == [
+        "[1/8] dataset", "[2/8] features", "[3/8] compare cross-model", "[4/8] compare fine-tune",
+        "[5/8] compare backbone-vs-last-layer", "[6/8] cumulants", "[7/8] pcovr", "[8/8] report",
+    ]  # fmt: skip
+    stages = {s["name"]: s for s in made["stages"]}
+    assert all(s["computed"] == 0 for s in stages.values())
+    assert stages["features"]["reused"] == 2 and stages["compare cross-model"]["reused"] == 2
     assert set(made["results"]) == expected
     again = np.asarray(Store.open(store_path).result("gfre-cross-model")["matrix"][...])
     np.testing.assert_allclose(again, np.asarray(cross["matrix"][...]), rtol=1e-6, atol=1e-9)

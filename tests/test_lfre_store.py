@@ -128,7 +128,11 @@ def test_cli_json_and_table(feature_store, capsys):
         (["--features", "alpha-1/ll", "nope/ll"], "no feature set 'nope/ll'"),
         (["--features", *NAMES, "--k", "1"], "at least 2 neighbours"),
         (["--features", *NAMES, "--k", "most"], "--k most: give a number of neighbours"),
-        (["--features", *NAMES, "--k", "500", "--selection", "random:40"], "lower k"),
+        (
+            ["--features", *NAMES, "--k", "500", "--selection", "random:40"],
+            "LFRE with k = 500 neighbours needs at least 500: lower k (--k) or ask for fewer "
+            "test rows",
+        ),
         (["--features", *NAMES, "--selection", "bogus:3"], "bogus"),
     ],
 )

@@ -248,7 +248,8 @@ def test_unsupported_structures_are_explained():
 
 
 def test_unknown_model_and_layer_are_one_line_errors():
-    with pytest.raises(DfreError, match="unknown model 'chgnet-9'; known models: chgnet-0.3.0"):
+    unknown = r"unknown model 'chgnet-9' \(did you mean 'chgnet-0.3.0'\?\); known models: chgnet"
+    with pytest.raises(DfreError, match=unknown):
         load_extractor("chgnet-9")
     with pytest.raises(DfreError, match="has no layer xx; it offers: bb, ll"):
         load_extractor("chgnet-0.3.0").featurize(periodic_frames()[:1], ["xx"])

@@ -49,7 +49,7 @@ def test_study_end_to_end_with_chgnet_and_rerun(tmp_path, capsys):
     path.write_text(STUDY)
     assert main(["run", str(path), *LOCAL]) == 0
     out = capsys.readouterr().out
-    assert "6 results, 2 descriptors" in out
+    assert "6 results, 2 descriptors" in out and "dfre run: done in " in out
     store = Store.open(tmp_path / "study.zarr")
     assert store.feature_names() == ["chgnet-0.3.0/bb", "chgnet-0.3.0/ll"]
     assert store.result_names() == [
@@ -74,8 +74,12 @@ def test_study_end_to_end_with_chgnet_and_rerun(tmp_path, capsys):
     rerun.write_text(STUDY.split("[[compare]]")[0])
     logs = []
     made = run_study(load_study(rerun), log=logs.append)
-    assert len(logs) == 1
-    assert logs[0].startswith("features chgnet-0.3.0: layers bb, ll, 0 atoms computed in ")
+    assert logs == [f"[1/2] dataset: sample dataset of 150 atoms in {rerun.parent / 'study.zarr'}",
+                    "[2/2] features: 1 models × all layers"]  # fmt: skip
+    assert [(s["name"], s["computed"], s["reused"]) for s in made["stages"]] == [
+        ("dataset", 0, 0),
+        ("features", 0, 1),
+    ]
     assert Store.open(tmp_path / "study.zarr").n_structures == store.n_structures
     assert made["results"] == []
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from dfre.cluster import add_cluster_arguments, client_from_args
+from dfre.cli.options import (
+    add_cluster_arguments,
+    add_features_argument,
+    add_force_argument,
+    add_store_argument,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -15,23 +20,18 @@ def add_parser(subparsers) -> None:
         "compute FRE(checkpoint -> reference) for each and write results/<metric>-checkpoints "
         "(drawn as curves by `dfre report`).",
     )
-    p.add_argument("--store", required=True, help="path of the dfre store")
-    p.add_argument(
-        "--features",
-        nargs="+",
-        required=True,
-        metavar="MODEL/LAYER",
-        help="feature sets of the checkpoints, in training order",
-    )
+    add_store_argument(p)
+    add_features_argument(p, "feature sets of the checkpoints, in training order")
     p.add_argument(
         "--epochs", nargs="+", type=float, help="x value (epoch) of each checkpoint (default 0..)"
     )
     p.add_argument("--reference", help="reference feature set (default: the last checkpoint)")
     p.add_argument(
         "--metric",
-        action="append",
+        nargs="+",
+        action="extend",
         choices=("gfre", "lfre"),
-        help="gfre and/or lfre (repeat; default both)",
+        help="gfre, lfre or both (default both)",
     )
     p.add_argument("--selection", default="stratified:1000", help="test selection spec")
     p.add_argument("--seed", type=int, default=0, help="seed of the selection")
@@ -41,17 +41,19 @@ def add_parser(subparsers) -> None:
         "pair; the paper's Fig. 8 uses max)",
     )
     p.add_argument("--run-prefix", default="", help="prefix of the result names")
+    add_force_argument(p)
     add_cluster_arguments(p)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from dfre.cluster import client_from_args
     from dfre.data.selection import parse_spec
     from dfre.errors import DfreError
     from dfre.lock import store_lock
     from dfre.metrics.lfre import parse_k
     from dfre.store import Store
-    from dfre.studies.checkpoints import checkpoint_trajectory
+    from dfre.studies.steps import Steps
 
     store = Store.open(args.store, mode="r+")
     for name in args.features:
@@ -62,22 +64,24 @@ def run(args: argparse.Namespace) -> int:
         raise DfreError(
             f"{len(args.epochs)} --epochs for {len(args.features)} --features: give one each"
         )
-    with store_lock(args.store, "dfre checkpoints"), client_from_args(args):
-        for metric in args.metric or ["gfre", "lfre"]:
+    steps = Steps(store, cluster=lambda: client_from_args(args), force=args.force)
+    with store_lock(args.store, "dfre checkpoints"), steps:
+        for metric in dict.fromkeys(args.metric or ["gfre", "lfre"]):
             run_name = f"{args.run_prefix}{metric}-checkpoints"
-            result = checkpoint_trajectory(
-                store,
+            steps.checkpoints(
+                metric,
                 args.features,
+                run=run_name,
                 epochs=args.epochs,
                 reference=args.reference,
-                metric=metric,
                 selection=args.selection,
                 seed=args.seed,
                 k=k,
-                run=run_name,
             )
-            column = result.names.index(args.reference or args.features[-1])
+            group = store.result(run_name)
+            names = list(group.attrs["names"])
+            column = names.index(args.reference or args.features[-1])
             print(f"results/{run_name}: {metric.upper()}(checkpoint -> reference)")
-            for name, value in zip(result.names, result.matrix[:, column], strict=True):
+            for name, value in zip(names, group["matrix"][...][:, column], strict=True):
                 print(f"  {name}: {value:.4f}")
     return 0

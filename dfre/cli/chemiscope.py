@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dfre.cli.options import add_store_argument
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -12,7 +14,7 @@ def add_parser(subparsers) -> None:
         description="Write FILE (.json or .json.gz) for chemiscope.org: the structures of the "
         "store, their info as properties and the coordinates of PCovR maps.",
     )
-    p.add_argument("--store", required=True, help="dfre store (path or URL)")
+    add_store_argument(p)
     p.add_argument("--out", required=True, metavar="FILE", help="output file, e.g. map.json.gz")
     p.add_argument(
         "--map",

@@ -18,10 +18,11 @@ import signal
 import sys
 import time
 
-from distributed import Client
-
-from dfre import cluster
+from dfre.cli.options import add_cluster_arguments
 from dfre.errors import DfreError
+
+#: Batch systems ``dfre cluster start --jobqueue`` knows (as dfre.cluster.JOBQUEUE_KINDS).
+JOBQUEUE_KINDS = ("slurm", "pbs")
 
 
 def add_parser(subparsers) -> None:
@@ -38,9 +39,7 @@ def add_parser(subparsers) -> None:
         description="Start a Dask scheduler here whose workers are SLURM or PBS jobs, write "
         "its scheduler file, and stay in the foreground until interrupted.",
     )
-    start.add_argument(
-        "--jobqueue", required=True, choices=cluster.JOBQUEUE_KINDS, help="the batch system"
-    )
+    start.add_argument("--jobqueue", required=True, choices=JOBQUEUE_KINDS, help="the batch system")
     start.add_argument(
         "--config",
         metavar="FILE",
@@ -99,7 +98,7 @@ def add_parser(subparsers) -> None:
         metavar="SECONDS",
         help="give up waiting for the workers after this long (default 600)",
     )
-    cluster.add_cluster_arguments(info)
+    add_cluster_arguments(info)
     info.set_defaults(handler=run_info)
 
 
@@ -114,6 +113,10 @@ def _parse_adapt(text: str) -> tuple[int, int]:
 
 
 def run_start(args: argparse.Namespace) -> int:
+    from distributed import Client
+
+    from dfre import cluster
+
     if args.dry_run:
         print(cluster.jobqueue_job_script(args.jobqueue, args.config, gpu=args.gpu), end="")
         return 0
@@ -190,6 +193,8 @@ def _follow(jobs, keeper, check_every: float) -> None:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from dfre import cluster
+
     with cluster.client_from_args(args, wait_for_workers=False) as client:
         if args.wait:
             try:

@@ -7,10 +7,9 @@ report folder, size and models given here (see :mod:`dfre.studies.demo`).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
-from dfre.cluster import add_cluster_arguments, client_from_args
+from dfre.cli.options import add_cluster_arguments, add_force_argument
 
 
 def add_parser(subparsers) -> None:
@@ -53,6 +52,7 @@ def add_parser(subparsers) -> None:
         metavar="A,B,...",
         help=f"comma-separated subset of the models (default all: {','.join(demo_models())})",
     )
+    add_force_argument(p)
     add_cluster_arguments(p)
     p.set_defaults(handler=run)
 
@@ -65,23 +65,30 @@ def _model_list(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dfre import progress
+    from dfre.cluster import client_from_args
     from dfre.lock import store_lock
+    from dfre.studies.config import summary_text
     from dfre.studies.demo import run_demo, write_demo_study
 
     # Check every argument (and an existing store) before a cluster starts.
     write_demo_study(args.store, args.out, atoms=args.atoms, models=args.models)
 
     def log(line: str) -> None:
-        print(f"dfre demo: {line}", file=sys.stderr)
+        progress.say(line, prefix="dfre demo")
 
     start = time.perf_counter()
-    with store_lock(args.store, "dfre demo", create=True), client_from_args(args):
-        made = run_demo(args.store, args.out, atoms=args.atoms, models=args.models, log=log)
-    minutes = (time.perf_counter() - start) / 60
-    print(
-        f"dfre demo: {len(made['results'])} results and {len(made['descriptors'])} descriptors "
-        f"in store {made['store']} ({minutes:.1f} min)\n"
-        f"study file: {made['study']} (repeat with `dfre run {made['study']}`)\n"
-        f"report: {made.get('report')}"
-    )
+    with store_lock(args.store, "dfre demo", create=True):
+        made = run_demo(
+            args.store,
+            args.out,
+            atoms=args.atoms,
+            models=args.models,
+            log=log,
+            cluster=lambda: client_from_args(args),
+            force=args.force,
+        )
+    lines = summary_text(made, time.perf_counter() - start)
+    lines.append(f"study file: {made['study']} (repeat with `dfre run {made['study']}`)")
+    print("\n".join([f"dfre demo: {lines[0]}", *lines[1:]]))
     return 0

@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import os
-import sys
 
-import dask
-
-from dfre.cluster import add_cluster_arguments, client_from_args
-from dfre.featurize import DEFAULT_BATCH_ATOMS, check_request, check_settings, featurize
-from dfre.lock import store_lock
-from dfre.models.base import get_spec
-from dfre.store import Store
+from dfre.cli.options import add_cluster_arguments, add_store_argument
+from dfre.defaults import BATCH_ATOMS as DEFAULT_BATCH_ATOMS
 
 
 def add_parser(subparsers) -> None:
@@ -23,7 +17,7 @@ def add_parser(subparsers) -> None:
         "a re-run computes only what is missing. Structures the model cannot handle are "
         "masked and reported.",
     )
-    p.add_argument("--store", required=True, help="path of the dfre store")
+    add_store_argument(p)
     p.add_argument("--model", required=True, help="registry name, e.g. chgnet-0.3.0")
     p.add_argument(
         "--layers",
@@ -141,6 +135,15 @@ def _resource(item: str) -> tuple[str, float]:
 
 
 def run(args) -> int:
+    import dask
+
+    from dfre import progress
+    from dfre.cluster import client_from_args
+    from dfre.featurize import check_request, check_settings, featurize, featurize_is_complete
+    from dfre.lock import store_lock
+    from dfre.models.base import get_spec
+    from dfre.store import Store
+
     layers = [layer.strip() for layer in args.layers.split(",")] if args.layers else None
     device = args.device or ("cuda" if args.gpu else "cpu")
     if device == "cuda" and args.gpu is None:
@@ -152,7 +155,15 @@ def run(args) -> int:
     options = model_options(args)
     resources = dict(_resource(r) for r in args.resources or [])
     store = Store.open(args.store, mode="r+")
-    check_settings(args.name or args.model, args.batch_atoms)
+    name = args.name or args.model
+    check_settings(name, args.batch_atoms)
+    complete = featurize_is_complete(store, args.model, layers, name=name, options=options)
+    if complete:  # decided from the store: no model loaded, no cluster started
+        progress.say(
+            f"features/{name}/{{{','.join(complete)}}}: complete with the weights of "
+            f"{args.model}, nothing to do"
+        )
+        return 0
     if not resources and (get_spec(args.model).package_available() or not _external(args)):
         # one-line errors (model, weights, layers, store) before a cluster starts; a model
         # of another environment is checked on a worker of that environment instead
@@ -165,14 +176,6 @@ def run(args) -> int:
         client_from_args(args) as client,
     ):
         torch_threads = args.torch_threads or _default_torch_threads(client)
-
-        def progress(result: dict) -> None:
-            print(
-                f"dfre: featurize {args.model}: chunks {result['unit'][0]}-"
-                f"{result['unit'][1] - 1} done ({result['atoms']} atoms)",
-                file=sys.stderr,
-            )
-
         report = featurize(
             args.store,
             args.model,
@@ -185,7 +188,6 @@ def run(args) -> int:
             graph_processes=graph_processes,
             torch_threads=torch_threads,
             resources=resources or None,
-            progress=progress,
         )
     print(report.summary())
     return 0

@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 
+from dfre.cli.options import (
+    add_cluster_arguments,
+    add_features_argument,
+    add_force_argument,
+    add_store_argument,
+)
 from dfre.cli.results_text import (
     add_alpha_floor_argument,
     diagnostics_lines,
     format_matrix,
     result_json,
 )
-from dfre.cluster import add_cluster_arguments, client_from_args
-from dfre.lock import store_lock
-from dfre.metrics.gfre import DEFAULT_ALPHAS, SOLVERS, gfre_store
 
 
 def _alphas(text: str) -> tuple[float, ...]:
@@ -32,16 +35,10 @@ def add_parser(subparsers) -> None:
         help="global feature reconstruction errors of every pair of feature sets",
         description="GFRE of every source→target pair of the given feature sets, from one "
         "pass over the store; written to results/<run> and printed with source rows and "
-        "target columns.",
+        "target columns. A result made from the same inputs and settings is reused.",
     )
-    p.add_argument("--store", required=True, help="path of the dfre store")
-    p.add_argument(
-        "--features",
-        nargs="+",
-        required=True,
-        metavar="MODEL/LAYER",
-        help="feature sets to compare (at least two)",
-    )
+    add_store_argument(p)
+    add_features_argument(p, "feature sets to compare (at least two)")
     p.add_argument(
         "--selection",
         default="stratified:1000",
@@ -50,7 +47,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument(
         "--solver",
-        choices=SOLVERS,
+        choices=("auto", "gram", "tsqr"),
         default="auto",
         help="auto (default): normal equations, plus the exact QR pass where a feature "
         "set's spectrum needs it; gram: normal equations only; tsqr: QR tree only",
@@ -77,55 +74,52 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--alphas",
         type=_alphas,
-        default=DEFAULT_ALPHAS,
+        default=None,
         metavar="A,B,...",
         help="alphas tried by the 2-fold CV (default: 20 from 1e-9 to 0.9, skmatter's)",
     )
     add_alpha_floor_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_force_argument(p)
     add_cluster_arguments(p)
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    from dfre.data.selection import selection_for_store
-    from dfre.errors import DfreError
+    from dfre.cluster import client_from_args
+    from dfre.lock import store_lock
+    from dfre.metrics.gfre import DEFAULT_ALPHAS
     from dfre.store import Store
+    from dfre.studies.steps import Steps
 
     store = Store.open(args.store, mode="r+")
-    for name in args.features:  # fail on bad input before any cluster starts
-        store.feature_array(name)
-    if len(args.features) < 2:
-        raise DfreError(f"give at least two feature sets to compare (got {args.features})")
-    if len(set(args.features)) != len(args.features):
-        raise DfreError(f"feature sets are repeated in {args.features}: give each once")
-    valid = store.valid_rows(args.features)
-    selection = selection_for_store(args.selection, store, seed=args.seed, valid=valid)
-    with store_lock(args.store, "dfre gfre"), client_from_args(args):
-        result = gfre_store(
-            store,
+    steps = Steps(store, cluster=lambda: client_from_args(args), force=args.force)
+    with store_lock(args.store, "dfre gfre"), steps:
+        steps.compare(
+            "gfre",
             args.features,
-            selection,
+            args.selection,
             run=args.run,
             seed=args.seed,
             solver=args.solver,
             pointwise=not args.no_pointwise,
             regularization_method=args.regularization,
             alpha_type=args.alpha_type,
-            alphas=args.alphas,
+            alphas=args.alphas or DEFAULT_ALPHAS,
             alpha_floor=None if args.alpha_floor == "none" else args.alpha_floor,
         )
+    result = stored_result(store, args.run)
     if args.json:
         print(
             json.dumps(
                 {
                     "run": args.run,
-                    "names": result.names,
+                    "names": result["names"],
                     "selection": args.selection,
-                    "gfre": result.matrix.tolist(),
-                    "alpha": result.alpha.tolist(),
-                    "cka": result.cka.tolist(),
-                    "n_test": int(len(result.test_rows)),
+                    "gfre": result["matrix"].tolist(),
+                    "alpha": result["alpha"].tolist(),
+                    "cka": result["cka"].tolist(),
+                    "n_test": int(result["n_test"]),
                     **result_json(result),
                 }
             )
@@ -133,9 +127,23 @@ def run(args) -> int:
     else:
         print(
             f"GFRE (rows: source, columns: target), selection {args.selection}, "
-            f"{len(result.test_rows)} test environments, results/{args.run} of {args.store}"
+            f"{result['n_test']} test environments, results/{args.run} of {args.store}"
         )
-        print(format_matrix(result.names, result.matrix, result.error))
-        for line in diagnostics_lines(result.config):
+        print(format_matrix(result["names"], result["matrix"], result.get("error")))
+        for line in diagnostics_lines(result["config"]):
             print(line)
     return 0
+
+
+def stored_result(store, run: str) -> dict:
+    """Names, arrays and test size of ``results/<run>`` as :func:`run` prints them."""
+    import numpy as np
+
+    group = store.result(run)
+    arrays = {key: np.asarray(group[key][...]) for key in group.array_keys()}
+    return {
+        "names": list(group.attrs["names"]),
+        "config": dict(group.attrs.get("config", {})),
+        **arrays,
+        "n_test": len(arrays.get("test_rows", ())),
+    }

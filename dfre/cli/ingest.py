@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
-from dfre.data.overlap import MIN_DISTANCE
-from dfre.store import DEFAULT_CHUNK_ATOMS
+from dfre.cli.options import add_store_argument
+from dfre.defaults import CHUNK_ATOMS as DEFAULT_CHUNK_ATOMS
+from dfre.defaults import MIN_DISTANCE
 
 
 def add_parser(subparsers) -> None:
@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
         "where it stopped when run again; a file ingested completely before is skipped.",
     )
     p.add_argument("files", nargs="+", metavar="FILE", help="structure files ASE can read")
-    p.add_argument("--store", required=True, help="dfre store (created if absent)")
+    add_store_argument(p, "dfre store (created if absent)")
     p.add_argument("--format", help="ASE format name (default: guessed from each file)")
     p.add_argument(
         "--subset-key",
@@ -76,14 +76,15 @@ class _Progress:
         self.path = None
 
     def __call__(self, path: str, frames_done: int, atoms_added: int) -> None:
+        from dfre import progress
+
         now = time.monotonic()
         if path != self.path:  # rates are per file
             self.path, self.start = path, now
         if now - self.last >= self.every:
             rate = 60 * atoms_added / max(now - self.start, 1e-9)
-            print(
-                f"dfre: {path}: {frames_done} structures committed "
-                f"({atoms_added} atoms, {rate / 1e6:.2f} M atoms/min)",
-                file=sys.stderr,
+            progress.say(
+                f"{path}: {frames_done} structures committed "
+                f"({atoms_added} atoms, {rate / 1e6:.2f} M atoms/min)"
             )
             self.last = now

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 
+from dfre.cli.options import (
+    add_cluster_arguments,
+    add_features_argument,
+    add_force_argument,
+    add_store_argument,
+)
 from dfre.cli.results_text import (
     add_alpha_floor_argument,
     diagnostics_lines,
     format_matrix,
     result_json,
 )
-from dfre.cluster import add_cluster_arguments, client_from_args
-from dfre.lock import store_lock
 
 
 def add_parser(subparsers) -> None:
@@ -21,16 +25,10 @@ def add_parser(subparsers) -> None:
         description="LFRE of every source→target pair of the given feature sets (exact kNN "
         "per source, batched local ridge per neighbourhood, as scikit-matter); written to "
         "results/<run> with the per-environment errors and printed with source rows and "
-        "target columns.",
+        "target columns. A result made from the same inputs and settings is reused.",
     )
-    p.add_argument("--store", required=True, help="path of the dfre store")
-    p.add_argument(
-        "--features",
-        nargs="+",
-        required=True,
-        metavar="MODEL/LAYER",
-        help="feature sets to compare",
-    )
+    add_store_argument(p)
+    add_features_argument(p, "feature sets to compare")
     p.add_argument(
         "--k",
         default=None,
@@ -52,49 +50,46 @@ def add_parser(subparsers) -> None:
     )
     add_alpha_floor_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_force_argument(p)
     add_cluster_arguments(p)
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    from dfre.data.selection import selection_for_store
+    from dfre.cli.gfre import stored_result
+    from dfre.cluster import client_from_args
     from dfre.errors import DfreError
     from dfre.linalg.backend import gpu_available
+    from dfre.lock import store_lock
     from dfre.metrics.breakdown import breakdown
-    from dfre.metrics.lfre import lfre_store, parse_k
+    from dfre.metrics.lfre import parse_k
     from dfre.store import Store
+    from dfre.studies.steps import Steps
 
-    store = Store.open(args.store, mode="r+")
-    for name in args.features:  # fail on bad input before any cluster starts
-        store.feature_array(name)
     k = parse_k(args.k) if args.k is not None else None
     if isinstance(k, int) and k < 2:
         raise DfreError(f"--k {k}: the local 2-fold ridge needs at least 2 neighbours")
-    valid = store.valid_rows(args.features)
-    selection = selection_for_store(args.selection, store, seed=args.seed, valid=valid)
+    store = Store.open(args.store, mode="r+")
     gpu = getattr(args, "gpu", None)
     device = "cuda" if gpu or (gpu is None and gpu_available()) else None
-    with store_lock(args.store, "dfre lfre"), client_from_args(args):
-        result = lfre_store(
-            store,
-            args.features,
-            selection,
-            k=k,
-            run=args.run,
-            seed=args.seed,
+    steps = Steps(store, cluster=lambda: client_from_args(args), force=args.force)
+    with store_lock(args.store, "dfre lfre"), steps:
+        steps.compare(
+            "lfre", args.features, args.selection, run=args.run, seed=args.seed, k=k,
             device=device,
             alpha_floor=None if args.alpha_floor == "none" else args.alpha_floor,
-        )
+        )  # fmt: skip
+    result = stored_result(store, args.run)
     table = breakdown(store, args.run, args.breakdown) if args.breakdown else None
     if args.json:
         out = {
             "run": args.run,
-            "names": result.names,
+            "names": result["names"],
             "selection": args.selection,
-            "lfre": result.matrix.tolist(),
-            "k": result.k.tolist(),
-            "alpha": result.alpha.tolist(),
-            "n_test": int(len(result.test_rows)),
+            "lfre": result["matrix"].tolist(),
+            "k": result["k"].tolist(),
+            "alpha": result["alpha"].tolist(),
+            "n_test": int(result["n_test"]),
             **result_json(result),
         }
         if table is not None:
@@ -103,10 +98,10 @@ def run(args) -> int:
         return 0
     print(
         f"LFRE (rows: source, columns: target), selection {args.selection}, "
-        f"{len(result.test_rows)} test environments, results/{args.run} of {args.store}"
+        f"{result['n_test']} test environments, results/{args.run} of {args.store}"
     )
-    print(format_matrix(result.names, result.matrix, result.error))
-    for line in diagnostics_lines(result.config):
+    print(format_matrix(result["names"], result["matrix"], result.get("error")))
+    for line in diagnostics_lines(result["config"]):
         print(line)
     if table is not None:
         print(f"\nRMSE per {args.breakdown}:")

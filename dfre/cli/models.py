@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from dfre.models.base import registry
-
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -22,6 +20,8 @@ def add_parser(subparsers) -> None:
 
 def model_table() -> list[dict]:
     """One record per registered model."""
+    from dfre.models.base import registry
+
     return [
         {
             "name": spec.name,

@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import numpy as np
-
 
 def alpha_floor_option(text: str) -> str | float:
     """``--alpha-floor``: ``none`` (skmatter's grid), ``auto`` (noise floor) or a number."""
@@ -36,8 +34,10 @@ def add_alpha_floor_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def format_matrix(names: list[str], matrix: np.ndarray, error: np.ndarray | None = None) -> str:
+def format_matrix(names: list[str], matrix: Any, error: Any = None) -> str:
     """The matrix as text (one row per source, one column per target), ``value±error``."""
+    import numpy as np
+
     cells = [
         [
             f"{v:.4f}" if error is None or not np.isfinite(e) else f"{v:.4f}±{e:.4f}"
@@ -98,17 +98,22 @@ def diagnostics_lines(config: dict) -> list[str]:
     return lines
 
 
-def result_json(result: Any) -> dict:
-    """The error bars and diagnostics of a result, for ``--json`` output."""
+def result_json(result: dict) -> dict:
+    """The error bars and diagnostics of a stored result (``names``, arrays, ``config``),
+    for ``--json`` output."""
+    config = result.get("config", {})
+    error = result.get("error")
     out = {
-        "error": None if result.error is None else _json_matrix(result.error),
-        "diagnostics": result.config.get("diagnostics"),
+        "error": None if error is None else _json_matrix(error),
+        "diagnostics": config.get("diagnostics"),
     }
     for key in ("solver", "solver_used", "exact_path_for", "alpha_floor"):
-        if key in result.config:
-            out[key] = result.config[key]
+        if key in config:
+            out[key] = config[key]
     return out
 
 
-def _json_matrix(values: np.ndarray) -> list:
+def _json_matrix(values: Any) -> list:
+    import numpy as np
+
     return [[None if not np.isfinite(v) else float(v) for v in row] for row in values]

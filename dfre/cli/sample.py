@@ -6,8 +6,8 @@ import argparse
 import contextlib
 import math
 
-from dfre.cluster import add_cluster_arguments, client_from_args
-from dfre.store import DEFAULT_CHUNK_ATOMS
+from dfre.cli.options import add_cluster_arguments, add_store_argument
+from dfre.defaults import CHUNK_ATOMS as DEFAULT_CHUNK_ATOMS
 
 #: Below this many atoms the sample is built in this process, without a cluster.
 LOCAL_ATOMS = 200_000
@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
         f"to the store, the same for the same --seed. Samples of {LOCAL_ATOMS} atoms or more, "
         "or any cluster option, use a Dask cluster.",
     )
-    p.add_argument("--store", required=True, help="dfre store (created if absent)")
+    add_store_argument(p, "dfre store (created if absent)")
     p.add_argument(
         "--atoms", type=_count, default=2000, metavar="N", help="atoms (default 2000; 1e6 works)"
     )
@@ -65,6 +65,7 @@ def _wants_cluster(args: argparse.Namespace) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dfre.cluster import client_from_args
     from dfre.data.sample import check_sample_size, write_sample
     from dfre.errors import DfreError
     from dfre.lock import store_lock

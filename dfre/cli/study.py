@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import time
 
-from dfre.cluster import add_cluster_arguments, client_from_args
+from dfre.cli.options import add_cluster_arguments, add_force_argument
 
 
 def add_parser(subparsers) -> None:
@@ -17,25 +17,25 @@ def add_parser(subparsers) -> None:
         "it lists, and write the report; see dfre.studies.config for the file format.",
     )
     p.add_argument("study", metavar="STUDY.toml", help="study file")
+    add_force_argument(p)
     add_cluster_arguments(p)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from dfre import progress
+    from dfre.cluster import client_from_args
     from dfre.lock import store_lock
-    from dfre.studies.config import load_study, run_study
+    from dfre.studies.config import load_study, run_study, summary_text
 
     study = load_study(args.study)
 
     def log(line: str) -> None:
-        print(f"dfre run: {line}", file=sys.stderr)
+        progress.say(line, prefix="dfre run")
 
-    with store_lock(study.store, f"dfre run {args.study}", create=True), client_from_args(args):
-        made = run_study(study, log=log)
-    print(
-        f"store {made['store']}: {len(made['results'])} results, "
-        f"{len(made['descriptors'])} descriptors"
-    )
-    if "report" in made:
-        print(f"report: {made['report']}")
+    start = time.perf_counter()
+    with store_lock(study.store, f"dfre run {args.study}", create=True):
+        made = run_study(study, log=log, cluster=lambda: client_from_args(args), force=args.force)
+    lines = summary_text(made, time.perf_counter() - start)
+    print("\n".join([f"dfre run: {lines[0]}", *lines[1:]]))
     return 0

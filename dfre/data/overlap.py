@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-MIN_DISTANCE = 0.1  # Å
+from dfre.defaults import MIN_DISTANCE  # Å
 
 
 @dataclass(frozen=True)

@@ -335,9 +335,30 @@ def _kfold(pool, k, rng, spec, n_rows) -> tuple[Fold, ...]:
     if k < 2:
         raise DfreError(f"selection '{spec}' needs at least 2 folds")
     if k > len(pool):
-        raise _too_many(spec, k, len(pool))
+        raise DfreError(
+            f"selection '{spec}' asks for {k} folds but only {len(pool)} valid rows exist: "
+            f"ask for at most {len(pool)} folds (kfold:2 to kfold:{len(pool)})"
+        )
     parts = np.array_split(rng.permutation(pool), k)
     return tuple(_split(pool, part, n_rows) for part in parts)
+
+
+def check_train_rows(
+    selection: Selection, minimum: int, needs: str, fix: str = "ask for fewer test rows"
+) -> None:
+    """A one-line error when a fold of ``selection`` trains on fewer than ``minimum`` rows.
+
+    ``needs`` says what needs them, e.g. ``"GFRE's 2-fold cross-validation"``, and
+    ``fix`` what to do. Called by the commands before a cluster starts, so that a
+    selection leaving too few train rows (``stratified:N`` with N all the rows) fails at
+    once.
+    """
+    smallest = min(len(train) for train, _ in selection.folds)
+    if smallest < minimum:
+        raise DfreError(
+            f"selection '{selection.spec}' leaves {smallest} train rows but {needs} needs at "
+            f"least {minimum}: {fix}"
+        )
 
 
 def skmatter_default_split(

@@ -51,6 +51,7 @@ import dask.array as da
 import numpy as np
 
 from dfre.cluster import compute
+from dfre.defaults import CHUNK_ATOMS
 from dfre.errors import DfreError
 from dfre.linalg.backend import array_module, to_numpy
 from dfre.lock import writes_store
@@ -324,9 +325,11 @@ def compute_cumulants(
     ``descriptors/<name>`` float64 (n_structures, order * d) (default name from
     :func:`descriptor_name`). Each task of the active Dask scheduler reads the atom rows
     of a block of whole structures (about ``block_atoms`` atoms, default the feature
-    chunk size) straight from Zarr and writes exactly one chunk of the descriptor, so no
-    data moves between workers. Structures containing atoms masked for that model get
-    NaN rows. ``device="cuda"`` computes each block with CuPy on the worker's GPU.
+    chunk size but at least :data:`dfre.defaults.CHUNK_ATOMS`: every descriptor chunk
+    costs the FRE studies one D x D statistics matrix per group) straight from Zarr and
+    writes exactly one chunk of the descriptor, so no data moves between workers.
+    Structures containing atoms masked for that model get NaN rows. ``device="cuda"``
+    computes each block with CuPy on the worker's GPU.
     Attributes: ``kind="cumulants"``, ``feature``, ``order``, ``dim`` (d),
     ``layout`` and ``complete`` (written last: without ``complete=True`` it is unfinished).
     Returns the descriptor name.
@@ -341,7 +344,7 @@ def compute_cumulants(
     dim = int(source.shape[1])
     width = order * dim
     n_structures = len(offsets) - 1
-    block = structures_per_block(offsets, block_atoms or source.chunks[0], width)
+    block = structures_per_block(offsets, block_atoms or max(source.chunks[0], CHUNK_ATOMS), width)
     masked = structures_with_masked_atoms(store, feature_name)
     target = store.group["descriptors"].create_array(
         name,

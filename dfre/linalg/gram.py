@@ -240,9 +240,14 @@ def group_statistics(
     shift = dask.delayed(_shift_row, pure=True)(blocks[block], row - int(bounds[block]))
     chunk = dask.delayed(chunk_statistics, pure=True)
     merge = dask.delayed(merge_statistics, pure=True)
+    # the labels travel to the workers once, not inside the graph (n_rows bytes per fold)
+    from dfre.cluster import shared
+
+    edges = zip(bounds[:-1], bounds[1:], strict=True)
+    chunk_labels = shared([labels[:, lo:hi] for lo, hi in edges])
     parts = [
-        chunk(blk, labels[:, lo:hi], n_values, solver, shift)
-        for blk, lo, hi in zip(blocks, bounds[:-1], bounds[1:], strict=True)
+        chunk(blk, chunk_label, n_values, solver, shift)
+        for blk, chunk_label in zip(blocks, chunk_labels, strict=True)
     ]
     n_groups = labels.shape[0] * n_values
     result_bytes = 8 * n_groups * Z.shape[1] * (Z.shape[1] + 1)
@@ -269,9 +274,11 @@ def compute(*collections):
     import dask.threaded
     from threadpoolctl import threadpool_limits
 
+    from dfre import progress  # its tasks are counted in the step shown (dfre.progress)
+
     found = [c for c in collections if dask.is_dask_collection(c)]
     scheduler = dask.base.get_scheduler(collections=found) if found else dask.base.get_scheduler()
     if scheduler is None or scheduler is dask.threaded.get:  # None: the threaded default
         with threadpool_limits(limits=1, user_api="blas"):
-            return dask.compute(*collections)
-    return dask.compute(*collections)
+            return progress.compute(*collections)
+    return progress.compute(*collections)

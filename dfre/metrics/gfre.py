@@ -49,6 +49,7 @@ import dask.array as da
 import numpy as np
 from sklearn.model_selection import KFold
 
+from dfre import progress
 from dfre.data.selection import skmatter_default_split
 from dfre.errors import DfreError
 from dfre.linalg.backend import array_module, to_numpy
@@ -307,18 +308,25 @@ def _pointwise_distortion_chunk(block, rows, scaling, slices, pairs, diff, n_set
 
 def _pointwise_pass(Z, labels, models, slices, pairs, n_sets, dist_pairs):
     """Second pass over the test rows of every fold (rows in increasing order per fold)."""
+    from dfre.cluster import shared
+
     Z = Z.rechunk({1: -1})
     blocks = Z.to_delayed().ravel()
     bounds = np.cumsum((0, *Z.chunks[0]))
     errors, distortions = [], []
     for k, model in enumerate(models):
-        scaling = dask.delayed(model.scaling)
-        w = dask.delayed(model.weights)
-        diff = dask.delayed({p: model.weights[p] - model.distortion_weights[p] for p in dist_pairs})
-        for blk, lo, hi in zip(blocks, bounds[:-1], bounds[1:], strict=True):
-            rows = np.flatnonzero(labels[k, lo:hi] == TEST)
-            if not len(rows):
-                continue
+        # weights (sum of d_a d_b floats), scaling and test rows travel to the workers
+        # once, not inside the graph
+        diff = {p: model.weights[p] - model.distortion_weights[p] for p in dist_pairs}
+        tested = [
+            (blk, np.flatnonzero(labels[k, lo:hi] == TEST))
+            for blk, lo, hi in zip(blocks, bounds[:-1], bounds[1:], strict=True)
+        ]
+        tested = [(blk, rows) for blk, rows in tested if len(rows)]
+        scaling, w, diff, *chunk_rows = shared(
+            [model.scaling, model.weights, diff, *(rows for _, rows in tested)]
+        )
+        for (blk, _), rows in zip(tested, chunk_rows, strict=True):
             errors.append(
                 dask.delayed(_pointwise_chunk)(blk, rows, scaling, slices, pairs, w, n_sets)
             )
@@ -456,21 +464,30 @@ def gfre_matrix(
     dtypes = [a.dtype for a in arrays]
 
     Z = _concatenate(arrays)
-    stats = group_statistics(
-        Z, labels, GROUPS_PER_FOLD, solver="tsqr" if solver == "tsqr" else "gram"
-    )
+    pass_solver = "tsqr" if solver == "tsqr" else "gram"
+    with progress.phase(
+        f"GFRE statistics pass over {n_rows:,} rows ({m} feature sets, {len(folds)} fold(s))"
+    ):
+        stats = group_statistics(Z, labels, GROUPS_PER_FOLD, solver=pass_solver)
     _check_finite(stats, names, slices)
     spectra = set_spectra(stats, names, slices, dtypes, fold_groups)
     floors = _alpha_floors(alpha_floor, spectra, settings, sources)
     source_settings = _source_settings(settings, floors, sources)
     exact_for = _unresolved(spectra, source_settings, sources) if solver == "auto" else []
     if exact_for:
-        stats = group_statistics(Z, labels, GROUPS_PER_FOLD, solver="tsqr")
+        with progress.phase(
+            f"GFRE exact (TSQR) pass: the spectra of {', '.join(names[a] for a in exact_for)} "
+            "reach below what the normal equations resolve"
+        ):
+            stats = group_statistics(Z, labels, GROUPS_PER_FOLD, solver="tsqr")
         spectra = set_spectra(stats, names, slices, dtypes, fold_groups)
-    models = [
-        _fit_fold(stats, k, names, slices, source_settings, pairs, dist_pairs)
-        for k in range(len(folds))
-    ]
+    models = []
+    with progress.phase(
+        f"GFRE ridge fits of {len(pairs)} pairs", total=len(folds), unit="fold(s)"
+    ) as step:
+        for k in range(len(folds)):
+            models.append(_fit_fold(stats, k, names, slices, source_settings, pairs, dist_pairs))
+            step.advance()
 
     matrix = np.full((m, m), np.nan)
     alpha = np.full((m, m), np.nan)
@@ -507,7 +524,8 @@ def gfre_matrix(
         spectra=spectra,
     )
     if pointwise:
-        pw, pd = _pointwise_pass(Z, labels, models, slices, pairs, m, dist_pairs)
+        with progress.phase(f"GFRE pointwise errors of {len(test_rows):,} test rows"):
+            pw, pd = _pointwise_pass(Z, labels, models, slices, pairs, m, dist_pairs)
         result.pointwise = pw
         result.pointwise_distortion = pd
         with np.errstate(invalid="ignore"):

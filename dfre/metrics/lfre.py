@@ -35,6 +35,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from dfre import progress
 from dfre.data.selection import skmatter_default_split
 from dfre.errors import DfreError
 from dfre.linalg.backend import array_module, device_meta, to_device, to_numpy
@@ -392,18 +393,21 @@ def _scaled_rows(trains, tests, names):
     return train_blocks, partitioned, list(tests), norms, scalers, spectra
 
 
-def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
+def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings, fold=""):
     """Pointwise errors (M, M, n_test) and alphas of one fold (train/test rows as given).
 
     Two Dask computations: the kNN of every source (once, at the largest k it needs),
-    then every local-ridge task of every source.
+    then every local-ridge task of every source. ``fold`` names the fold in progress lines.
     """
     n_sets = len(arrays)
     trains = [a[train] for a in arrays]
     tests = [a[test] for a in arrays]
     query_block = opts["query_block"]
     tests = [t.rechunk((query_block, -1)) for t in tests]
-    train_blocks, partitioned, tests, norms, scalers, spectra = _scaled_rows(trains, tests, names)
+    with progress.phase(f"LFRE{fold}: scaling {n_sets} feature sets on {len(train):,} rows"):
+        train_blocks, partitioned, tests, norms, scalers, spectra = _scaled_rows(
+            trains, tests, names
+        )
     test_blocks = [t.to_delayed().ravel() for t in tests]
     sources = [i for i in range(n_sets) if kmat[i].any()]
     started = time.perf_counter()
@@ -420,7 +424,10 @@ def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
     # the kNN indices stay where they were computed (persisted: futures on a distributed
     # cluster) and go straight into the ridge tasks, never through this process
     indices = [[dask.delayed(_knn_indices, pure=True)(part) for part in parts] for parts in graphs]
-    neighbours = dict(zip(sources, _persist_and_wait(indices), strict=True))
+    with progress.phase(
+        f"LFRE{fold}: exact kNN of {len(test):,} test rows for {len(sources)} source(s)"
+    ):
+        neighbours = dict(zip(sources, _persist_and_wait(indices), strict=True))
     timings["knn_seconds"] += time.perf_counter() - started
     timings["knn_queries"] += len(test) * len(sources)
     started = time.perf_counter()
@@ -449,7 +456,10 @@ def _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings):
                     keys.append((i, targets, slice(bounds[b] + lo, bounds[b] + hi)))
     pointwise = np.full((n_sets, n_sets, len(test)), np.nan)
     alpha = np.full((n_sets, n_sets, len(test)), np.nan)
-    for (i, targets, rows), (err, chosen, n_exact) in zip(keys, dask.compute(*tasks), strict=True):
+    n_pairs = int((kmat > 0).sum())
+    with progress.phase(f"LFRE{fold}: local ridge of {len(test):,} test rows, {n_pairs} pair(s)"):
+        solved = progress.compute(*tasks)
+    for (i, targets, rows), (err, chosen, n_exact) in zip(keys, solved, strict=True):
         pointwise[i, targets, rows] = to_numpy(err)
         alpha[i, targets, rows] = to_numpy(chosen)
         timings["exact_neighbourhoods"] += int(n_exact)
@@ -528,9 +538,10 @@ def lfre_matrix(
         ["knn_seconds", "ridge_seconds", "knn_queries", "ridge_solves"], 0.0
     ) | {"ridge_neighbourhoods": 0, "exact_neighbourhoods": 0}
     parts, alpha_parts, spectra = [], [], None
-    for train, test in folds:
+    for number, (train, test) in enumerate(folds, start=1):
         _check_k(kmat, len(train))
-        pw, al, sp = _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings)
+        fold = f" fold {number}/{len(folds)}" if len(folds) > 1 else ""
+        pw, al, sp = _fold_errors(arrays, names, train, test, kmat, alphas, opts, timings, fold)
         parts.append(pw)
         alpha_parts.append(al)
         spectra = spectra or sp

@@ -20,10 +20,12 @@ file (if any) and a loader.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.metadata
 import inspect
+import io
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -33,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from dfre.errors import DfreError
+from dfre.errors import DfreError, did_you_mean
 
 #: Atomic numbers 1..118, the default set of "supported" elements.
 ALL_ELEMENTS = frozenset(range(1, 119))
@@ -252,7 +254,8 @@ def get_spec(name: str) -> ModelSpec:
     models = registry()
     if name not in models:
         raise DfreError(
-            f"unknown model '{name}'; known models: {', '.join(models)} (see `dfre models`)"
+            f"unknown model '{name}'{did_you_mean(name, models)}; known models: "
+            f"{', '.join(models)} (see `dfre models`)"
         )
     return models[name]
 
@@ -273,7 +276,8 @@ def load_extractor(name: str, device: str = "cpu", **options: Any) -> FeatureExt
                     f"installed: {spec.install_hint}"
                 )
             _check_options(name, spec.loader, options)
-            extractor = spec.loader(device=device, **options)
+            with contextlib.redirect_stdout(io.StringIO()):  # e.g. "CHGNet ... initialized"
+                extractor = spec.loader(device=device, **options)
             extractor.load_args = (name, dict(options))  # to load it again elsewhere
             _CACHE[key] = extractor
         return _CACHE[key]

@@ -18,6 +18,7 @@ both feature sets depend on it: it is registered once per fidelity.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,8 +53,30 @@ LAYERS = {
 _HOOKED_MODULES = {"bb": "reduce_input_to_hidden", "ll": "reduce_hidden_to_energy"}
 
 
+#: Checkpoint files of the ``sevenn._const`` attributes, under ``sevenn/pretrained_potentials``.
+_FILES = {
+    "SEVENNET_0_11Jul2024": "SevenNet_0__11Jul2024/checkpoint_sevennet_0.pth",
+    "SEVENNET_0_22May2024": "SevenNet_0__22May2024/checkpoint_sevennet_0.pth",
+    "SEVENNET_MF_0": "SevenNet_MF_0/checkpoint_sevennet_mf_0.pth",
+    "SEVENNET_l3i5": "SevenNet_l3i5/checkpoint_l3i5.pth",
+}
+
+
 def weights_path(constant: str) -> str:
-    """Path of a pretrained checkpoint inside the installed ``sevenn`` package."""
+    """Path of a pretrained checkpoint inside the installed ``sevenn`` package.
+
+    Found without importing ``sevenn`` (which imports torch) where the package keeps its
+    files as sevenn 0.11 does (``dfre models`` stays fast); otherwise ``sevenn._const``
+    says where.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sevenn")
+    if spec is not None and spec.submodule_search_locations and constant in _FILES:
+        root = list(spec.submodule_search_locations)[0]
+        path = os.path.join(root, "pretrained_potentials", _FILES[constant])
+        if os.path.isfile(path):
+            return path
     from sevenn import _const
 
     return getattr(_const, constant)
@@ -90,26 +113,23 @@ class SevenNetExtractor(FeatureExtractor):
     def from_checkpoint(
         cls, name: str, path: str, device: str = "cpu", modal: str | None = None
     ) -> SevenNetExtractor:
-        """Load a SevenNet checkpoint file for batched feature extraction."""
-        import sevenn._keys as KEY
-        from sevenn.util import model_from_checkpoint
+        """Load a SevenNet checkpoint file for batched feature extraction.
 
-        try:
-            model, config = model_from_checkpoint(path)
-        except Exception as error:
-            raise DfreError(
-                f"cannot load SevenNet checkpoint {path} ({type(error).__name__}): "
-                "is it a SevenNet checkpoint file?"
-            ) from None
+        The fidelities of a multi-fidelity checkpoint share one loaded model (the
+        fidelity is part of each graph, not of the model), and one forward lock.
+        """
+        import sevenn._keys as KEY
+
+        model, config, lock = _load_checkpoint(os.path.abspath(path), device)
         modal_map = model.modal_map or {}
         if modal_map and modal not in modal_map:
             raise DfreError(
                 f"SevenNet model {name} is multi-fidelity: choose a fidelity among "
                 f"{', '.join(modal_map)}"
             )
-        model.set_is_batch_data(True)
-        model = model.to(torch_device(device)).eval()
-        return cls(name, model, config[KEY.CUTOFF], device, modal if modal_map else None, path)
+        extractor = cls(name, model, config[KEY.CUTOFF], device, modal if modal_map else None, path)
+        extractor._forward_lock = lock  # hooks go on the shared model: one pass at a time
+        return extractor
 
     def graph(self, atoms: Any) -> Any:
         """The SevenNet neighbour graph of ``atoms`` (built on the CPU)."""
@@ -162,6 +182,29 @@ class SevenNetExtractor(FeatureExtractor):
             for handle in handles:
                 handle.remove()
         return {layer: captured[layer].float().cpu().numpy() for layer in layers}
+
+
+_CHECKPOINTS: dict[tuple[str, str], tuple[Any, dict, threading.Lock]] = {}
+_CHECKPOINTS_LOCK = threading.Lock()
+
+
+def _load_checkpoint(path: str, device: str) -> tuple[Any, dict, threading.Lock]:
+    """The model and config of checkpoint ``path`` on ``device``, loaded once per process."""
+    from sevenn.util import model_from_checkpoint
+
+    with _CHECKPOINTS_LOCK:
+        if (path, device) not in _CHECKPOINTS:
+            try:
+                model, config = model_from_checkpoint(path)
+            except Exception as error:
+                raise DfreError(
+                    f"cannot load SevenNet checkpoint {path} ({type(error).__name__}): "
+                    "is it a SevenNet checkpoint file?"
+                ) from None
+            model.set_is_batch_data(True)
+            model = model.to(torch_device(device)).eval()
+            _CHECKPOINTS[path, device] = (model, config, threading.Lock())
+        return _CHECKPOINTS[path, device]
 
 
 def _loader(name: str, constant: str, modal: str | None):

@@ -2,8 +2,9 @@
 
 Every step reads and writes one store, so a re-run repeats only what is missing: the
 dataset is built only into a new store (ingest skips files already ingested),
-featurize computes only chunks not yet done, and the analyses are recomputed from
-the stored features (they are cheap next to featurization). Paths are relative to the
+featurize computes only chunks not yet done, and an analysis whose inputs and settings
+are unchanged is reused (:mod:`dfre.reuse`), so a re-run of a finished study only
+writes the report. Paths are relative to the
 TOML file. Example (every key but ``store`` is optional)::
 
     store = "study.zarr"
@@ -49,12 +50,15 @@ TOML file. Example (every key but ``store`` is optional)::
     [report]
     out = "report"                 # figures + index.html
     chemiscope = "map.json.gz"     # optional chemiscope file
+    min_count = 10                 # breakdowns: subsets/elements with fewer test rows left out
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,9 +107,11 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "components": int,
         "remove_outliers": bool,
     },
-    "report": {"out": str, "chemiscope": str, "max_structures": int},
+    "report": {"out": str, "chemiscope": str, "max_structures": int, "min_count": int},
 }
 ARRAY_TABLES = ("compare", "checkpoints")
+#: Sample datasets of this many atoms or more are built on the cluster (as `dfre sample`).
+LARGE_SAMPLE_ATOMS = 200_000
 METRICS = ("gfre", "lfre")
 
 
@@ -152,7 +158,7 @@ def load_study(path: str | os.PathLike) -> Study:
                 raise DfreError(f"study file {path}: [{table}] must be a table")
             tables[table] = _check_table(path, table, value, None)
     folder = os.path.dirname(os.path.abspath(path))
-    store = os.path.join(folder, data["store"])
+    store = os.path.normpath(os.path.join(folder, data["store"]))
     if not tables.get("dataset") and not (os.path.isdir(store) and os.listdir(store)):
         raise DfreError(
             f"store {store} does not exist and the study has no [dataset] to build it: "
@@ -204,40 +210,153 @@ def _check_table(path: str, table: str, value: Any, index: int | None) -> dict:
 
 
 @writes_store("dfre run", argument="study", create=True)
-def run_study(study: Study, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every step of ``study`` on the active Dask scheduler; return what was made."""
+def run_study(
+    study: Study,
+    *,
+    log: Callable[[str], None] = print,
+    cluster: Callable[[], contextlib.AbstractContextManager] | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run every step of ``study``; return what was made and how long each stage took.
+
+    ``log`` gets one line as each stage starts (``[3/7] compare cross-model: ...``) and
+    one per step reused or noticed. ``cluster`` makes the context manager of the Dask
+    client (e.g. ``lambda: client_from_args(args)``): it is started at the first step
+    that has to compute, so a re-run whose results are all up to date starts none; None
+    computes on the active scheduler. ``force=True`` recomputes up-to-date results.
+
+    The returned dict has ``store``, ``results`` and ``descriptors`` (names), ``stages``
+    (name, description, seconds, steps computed and reused), ``masked`` (see
+    :func:`dfre.studies.steps.masked_atoms`) and ``report`` (the page) if one was made.
+    """
     from dfre.store import Store
 
-    made: dict[str, Any] = {"store": study.store, "results": [], "descriptors": []}
+    made: dict[str, Any] = {"store": study.store, "results": [], "descriptors": [], "stages": []}
     folder = os.path.dirname(os.path.abspath(study.path))
-    store = _dataset(study, folder, log)
-    features = study.get("features")
-    if features:
-        _featurize(store, features, log)
-    store = Store.open(study.store, mode="r+")
-    for spec in study.get("compare") or []:
-        made["results"] += _compare(store, spec, log)
-    for spec in study.get("checkpoints") or []:
-        made["results"] += _checkpoints(store, spec, log)
-    if study.get("cumulants") is not None:
-        descriptors, results = _cumulants(store, study.get("cumulants"), log)
-        made["descriptors"] += descriptors
-        made["results"] += results
-    if study.get("pcovr") is not None:
-        made["results"] += _pcovr(store, study.get("pcovr"), made["descriptors"], log)
-    report = study.get("report")
-    if report is not None:
-        made["report"] = _report(store, report, folder, made["results"], log)
+    plan = _plan(study)
+    stage = _StageLog(plan, log, made["stages"])
+    with contextlib.ExitStack() as started:
+        spec = study.get("dataset") or {}
+        new = not (os.path.isdir(study.store) and os.listdir(study.store))
+        if cluster is not None and new and spec.get("sample_atoms", 0) >= LARGE_SAMPLE_ATOMS:
+            started.enter_context(cluster())  # a large sample is built by the cluster
+            cluster = None
+        with stage("dataset"):
+            stage.note(_dataset(study, folder, log))
+        store = Store.open(study.store, mode="r+")
+        _run_steps(study, store, folder, stage, made, log, cluster, force)
     return made
 
 
-def _dataset(study: Study, folder: str, log: Callable[[str], None]) -> Any:
+def _run_steps(study, store, folder, stage, made, log, cluster, force) -> None:
+    from dfre.studies.steps import Steps, masked_atoms
+
+    with Steps(store, cluster=cluster, force=force) as steps:
+        stage.steps = steps
+        features = study.get("features")
+        if features:
+            with stage("features"):
+                _featurize(steps, features)
+            made["masked"] = masked_atoms(store)
+        for spec in study.get("compare") or []:
+            with stage(f"compare {spec['name']}"):
+                made["results"] += _compare(steps, spec)
+        for spec in study.get("checkpoints") or []:
+            with stage(f"checkpoints {spec['name']}"):
+                made["results"] += _checkpoints(steps, spec)
+        if study.get("cumulants") is not None:
+            with stage("cumulants"):
+                descriptors, results = _cumulants(steps, study.get("cumulants"))
+            made["descriptors"] += descriptors
+            made["results"] += results
+        if study.get("pcovr") is not None:
+            with stage("pcovr"):
+                made["results"] += _pcovr(steps, study.get("pcovr"), made["descriptors"])
+        report = study.get("report")
+        if report is not None:
+            with stage("report"):
+                made["report"] = _report(store, report, folder, made["results"], log)
+                stage.note(made["report"])
+
+
+def _plan(study: Study) -> dict[str, str]:
+    """Stage name -> what it does, in the order the stages run."""
+    plan = {}
+    spec = study.get("dataset") or {}
+    if "files" in spec:
+        plan["dataset"] = f"ingest {len(spec['files'])} file pattern(s) into {study.store}"
+    elif "sample_atoms" in spec:
+        plan["dataset"] = f"sample dataset of {spec['sample_atoms']:,} atoms in {study.store}"
+    else:
+        plan["dataset"] = f"store {study.store}"
+    features = study.get("features")
+    if features:
+        layers = ", ".join(features.get("layers") or ["all layers"])
+        plan["features"] = f"{len(features.get('models', []))} models × {layers}"
+    for spec in study.get("compare") or []:
+        metrics = ", ".join(m.upper() for m in spec.get("metrics", METRICS))
+        count = len(spec.get("features") or []) or "all"
+        plan[f"compare {spec['name']}"] = (
+            f"{metrics} of {count} feature sets, {spec.get('selection', 'stratified:1000')}"
+        )
+    for spec in study.get("checkpoints") or []:
+        plan[f"checkpoints {spec['name']}"] = f"FRE of {len(spec.get('features', []))} checkpoints"
+    cumulants = study.get("cumulants")
+    if cumulants is not None:
+        studies = ", ".join(m.upper() for m in cumulants.get("studies", []))
+        plan["cumulants"] = f"order-{cumulants.get('order', 8)} cumulant descriptors" + (
+            f"; {studies} between orders and models" if studies else ""
+        )
+    if study.get("pcovr") is not None:
+        plan["pcovr"] = "PCovR maps of the descriptors"
+    if study.get("report") is not None:
+        plan["report"] = "figures and index.html"
+    return plan
+
+
+class _StageLog:
+    """Logs each stage as it starts (``[i/n] name: what``) and records its time."""
+
+    def __init__(self, plan: dict[str, str], log: Callable[[str], None], records: list):
+        self.plan, self.log, self.records = plan, log, records
+        self.steps = None
+        self._notes: list[str] = []
+
+    def note(self, text: str | None) -> None:
+        if text:
+            self._notes.append(text)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        index = list(self.plan).index(name) + 1
+        self.log(f"[{index}/{len(self.plan)}] {name}: {self.plan[name]}")
+        self._notes = []
+        if self.steps is not None:
+            self.steps.stage = name
+        before = len(self.steps.records) if self.steps is not None else 0
+        start = time.perf_counter()
+        yield
+        steps = self.steps.records[before:] if self.steps is not None else []
+        self.records.append(
+            {
+                "name": name,
+                "what": self.plan[name],
+                "seconds": time.perf_counter() - start,
+                "computed": sum(not r.reused for r in steps),
+                "reused": sum(r.reused for r in steps),
+                "notes": list(self._notes),
+            }
+        )
+
+
+def _dataset(study: Study, folder: str, log: Callable[[str], None]) -> str:
     from dfre.store import Store, _is_empty_dir
 
     spec = study.get("dataset") or {}
     exists = os.path.isdir(study.store) and not _is_empty_dir(study.store)
     if exists and "files" not in spec:
-        return Store.open(study.store, mode="r+")
+        store = Store.open(study.store)
+        return f"reused: {store.n_atoms:,} atoms in {store.n_structures:,} structures"
     chunk = spec.get("chunk_atoms", 1 << 16)
     if "files" in spec:
         from dfre.data.ingest import ingest
@@ -262,26 +381,19 @@ def _dataset(study: Study, folder: str, log: Callable[[str], None]) -> Any:
         from dfre.data.sample import write_sample
 
         write_sample(study.store, spec["sample_atoms"], spec.get("seed", 0), chunk_atoms=chunk)
-        log(f"sample dataset: {spec['sample_atoms']} atoms into {study.store}")
     else:
         raise DfreError("[dataset] needs sample_atoms = N or files = [...]")
-    return Store.open(study.store, mode="r+")
+    store = Store.open(study.store)
+    return f"{store.n_atoms:,} atoms in {store.n_structures:,} structures"
 
 
-def _featurize(store: Any, spec: dict, log: Callable[[str], None]) -> None:
-    from dfre.featurize import featurize
-
+def _featurize(steps: Any, spec: dict) -> None:
     for model in spec.get("models", []):
-        report = featurize(
-            store,
+        steps.featurize(
             model,
             layers=spec.get("layers"),
-            batch_atoms=spec.get("batch_atoms", 2048),
+            batch_atoms=spec.get("batch_atoms"),
             device=spec.get("device", "cpu"),
-        )
-        log(
-            f"features {model}: layers {', '.join(report.layers)}, "
-            f"{report.n_atoms_computed} atoms computed in {report.seconds:.1f} s"
         )
 
 
@@ -292,122 +404,90 @@ def _feature_names(store: Any, names: list | None) -> list[str]:
     return names
 
 
-def _compare(store: Any, spec: dict, log: Callable[[str], None]) -> list[str]:
-    from dfre.metrics.gfre import gfre_store
-    from dfre.metrics.lfre import lfre_store
-
-    names = _feature_names(store, spec.get("features"))
-    selection = spec.get("selection", "stratified:1000")
-    seed = spec.get("seed", 0)
+def _compare(steps: Any, spec: dict) -> list[str]:
+    names = _feature_names(steps.store, spec.get("features"))
     runs = []
     for metric in spec.get("metrics", list(METRICS)):
-        run = f"{metric}-{spec['name']}"
         floor = spec.get("alpha_floor")
-        floor = None if floor in (None, "none") else floor
+        options = {"alpha_floor": None if floor in (None, "none") else floor}
         if metric == "gfre":
-            gfre_store(
-                store,
-                names,
-                selection,
-                run=run,
-                seed=seed,
-                solver=spec.get("solver", "auto"),
-                alpha_floor=floor,
-            )
+            options["solver"] = spec.get("solver", "auto")
         else:
-            lfre_store(
-                store, names, selection, k=spec.get("k"), run=run, seed=seed, alpha_floor=floor
+            options["k"] = spec.get("k")
+        runs.append(
+            steps.compare(
+                metric,
+                names,
+                spec.get("selection", "stratified:1000"),
+                run=f"{metric}-{spec['name']}",
+                seed=spec.get("seed", 0),
+                **options,
             )
-        log(f"results/{run}: {metric.upper()} of {len(names)} feature sets")
-        runs.append(run)
+        )
     return runs
 
 
-def _checkpoints(store: Any, spec: dict, log: Callable[[str], None]) -> list[str]:
-    from dfre.studies.checkpoints import checkpoint_trajectory
-
-    runs = []
-    for metric in spec.get("metrics", list(METRICS)):
-        run = f"{metric}-{spec['name']}"
-        checkpoint_trajectory(
-            store,
-            _feature_names(store, spec.get("features")),
+def _checkpoints(steps: Any, spec: dict) -> list[str]:
+    return [
+        steps.checkpoints(
+            metric,
+            _feature_names(steps.store, spec.get("features")),
+            run=f"{metric}-{spec['name']}",
             epochs=spec.get("epochs"),
             reference=spec.get("reference"),
-            metric=metric,
             selection=spec.get("selection", "stratified:1000"),
             seed=spec.get("seed", 0),
             k=spec.get("k"),
-            run=run,
         )
-        log(f"results/{run}: {metric.upper()} along checkpoints")
-        runs.append(run)
-    return runs
-
-
-def _cumulants(store: Any, spec: dict, log: Callable[[str], None]) -> tuple[list, list]:
-    from dfre.descriptors.cumulants import (
-        compute_cumulants,
-        cross_model_cumulants,
-        cumulant_order_study,
-    )
-
-    order = spec.get("order", 8)
-    descriptors = [
-        compute_cumulants(store, n, order) for n in _feature_names(store, spec.get("features"))
+        for metric in spec.get("metrics", list(METRICS))
     ]
-    log(f"descriptors: {', '.join(descriptors)}")
+
+
+def _cumulants(steps: Any, spec: dict) -> tuple[list, list]:
+    order = spec.get("order", 8)
+    names = _feature_names(steps.store, spec.get("features"))
+    descriptors = [steps.cumulants(name, order) for name in names]
     runs = []
     options = {"selection": spec.get("selection", "kfold:2"), "seed": spec.get("seed", 0)}
     for metric in spec.get("studies", []):
         for descriptor in descriptors:
-            run = f"{metric}-orders-{descriptor}"
-            cumulant_order_study(store, descriptor, metric=metric, run=run, **options)
-            runs.append(run)
+            runs.append(steps.order_study(descriptor, metric=metric, **options))
         if len(descriptors) > 1:
-            run = f"{metric}-cumulants"
-            cross_model_cumulants(store, descriptors, metric=metric, run=run, **options)
-            runs.append(run)
-    if runs:
-        log(f"results: {', '.join(runs)}")
+            runs.append(steps.cross_model_cumulants(descriptors, metric=metric, **options))
     return descriptors, runs
 
 
-def _pcovr(store: Any, spec: dict, made: list[str], log: Callable[[str], None]) -> list[str]:
-    from dfre.projection.pcovr import COHESIVE_ENERGY, pcovr_map
+def _pcovr(steps: Any, spec: dict, made: list[str]) -> list[str]:
+    from dfre.projection.pcovr import COHESIVE_ENERGY
 
     descriptors = (
         spec.get("descriptors")
         or made
-        or [d for d in store.descriptor_names() if d.startswith("cumulants-")]
+        or [d for d in steps.store.descriptor_names() if d.startswith("cumulants-")]
     )
     if not descriptors:
         raise DfreError("[pcovr] has no descriptors: add [cumulants] or list descriptors = [...]")
-    runs = []
-    for descriptor in descriptors:
-        run = f"pcovr-{descriptor}"
-        pcovr_map(
-            store,
+    return [
+        steps.pcovr(
             descriptor,
             target=spec.get("target", COHESIVE_ENERGY),
             energy_key=spec.get("energy_key", "energy"),
             mixing=float(spec.get("mixing", 0.5)),
             n_components=spec.get("components", 2),
-            run=run,
             remove_outliers=spec.get("remove_outliers", False),
         )
-        runs.append(run)
-    log(f"PCovR maps: {', '.join(runs)}")
-    return runs
+        for descriptor in descriptors
+    ]
 
 
 def _report(store: Any, spec: dict, folder: str, runs: list[str], log: Callable[[str], None]):
-    from dfre.report import make_report
+    from dfre.report import DEFAULT_MIN_COUNT, make_report
     from dfre.report.chemiscope import export_chemiscope
 
-    out = os.path.join(folder, spec.get("out", "report"))
-    report = make_report(store, out, runs or None)
-    log(f"report: {report.html}")
+    out = os.path.normpath(os.path.join(folder, spec.get("out", "report")))
+    report = make_report(
+        store, out, runs or None, min_count=spec.get("min_count", DEFAULT_MIN_COUNT)
+    )
     if "chemiscope" in spec:
         summary = export_chemiscope(
             store,
@@ -416,3 +496,37 @@ def _report(store: Any, spec: dict, folder: str, runs: list[str], log: Callable[
         )
         log(f"chemiscope: {summary['path']} ({summary['structures']} structures)")
     return report.html
+
+
+def summary_text(made: dict[str, Any], seconds: float) -> list[str]:
+    """The closing summary of a study run: stages with their times, masked atoms, report."""
+    from dfre.progress import duration
+
+    lines = [f"done in {duration(seconds)}:"]
+    width = max((len(s["name"]) for s in made["stages"]), default=8)
+    for stage in made["stages"]:
+        done = []
+        if stage["computed"]:
+            done.append(f"{stage['computed']} computed")
+        if stage["reused"]:
+            done.append(f"{stage['reused']} up to date, reused")
+        notes = [*stage["notes"], *([", ".join(done)] if done else [])]
+        lines.append(
+            f"  {stage['name']:<{width}}  {duration(stage['seconds']):>11}  {stage['what']}"
+            + (f" ({'; '.join(notes)})" if notes else "")
+        )
+    masked = made.get("masked")
+    if masked:
+        from dfre.studies.steps import masked_text
+
+        lines.append("masked: atoms a model cannot handle, left out of its comparisons:")
+        lines += [f"  {masked_text(record)}" for record in masked]
+    elif masked is not None:
+        lines.append("masked: no atoms (every model handled every structure)")
+    lines.append(
+        f"store {made['store']}: {len(made['results'])} results, "
+        f"{len(made['descriptors'])} descriptors"
+    )
+    if "report" in made:
+        lines.append(f"report: {made['report']}")
+    return lines

@@ -13,8 +13,9 @@ The study itself is the TOML file ``demo.toml`` of this package, run by the stud
   last layer of the first model chosen.
 
 Re-running on the same store is resumable: an interrupted sample resumes (see
-:func:`dfre.data.write_sample`), featurize computes only missing chunks, the analyses
-are recomputed from the stored features.
+:func:`dfre.data.write_sample`), featurize computes only missing chunks, and analyses
+whose inputs and settings are unchanged are reused, so a finished demo re-run only writes
+the report.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
-from dfre.errors import DfreError
+from dfre.errors import DfreError, did_you_mean
 
 #: The study file shipped with the package.
 DEMO_FILE = "demo.toml"
@@ -71,7 +72,8 @@ def resolve_demo_study(
     unknown = [m for m in chosen if m not in known]
     if unknown:
         raise DfreError(
-            f"--models: {', '.join(unknown)} not in the demo; choose from {', '.join(known)}"
+            f"--models: {', '.join(unknown)} not in the demo{did_you_mean(unknown[0], known)}; "
+            f"choose from {', '.join(known)}"
         )
     if len(set(chosen)) != len(chosen):
         raise DfreError(f"--models repeats a model: {','.join(chosen)}")
@@ -163,11 +165,14 @@ def run_demo(
     atoms: int | None = None,
     models: Sequence[str] | None = None,
     log: Any = print,
+    cluster: Any = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Run the demo study on the active Dask scheduler; return what :func:`run_study` made.
+    """Run the demo study; return what :func:`run_study` made.
 
-    An interrupted sample in an existing store is completed first (the study runner
-    only builds a dataset into a new store).
+    ``cluster`` and ``force`` are those of :func:`run_study` (default: the active Dask
+    scheduler). An interrupted sample in an existing store is completed first (the
+    study runner only builds a dataset into a new store).
     """
     from dfre.data.sample import write_sample
     from dfre.studies.config import load_study, run_study
@@ -176,8 +181,8 @@ def run_demo(
     study = load_study(path)
     dataset = study.get("dataset")
     if os.path.isdir(study.store) and _has_data(study.store):
-        write_sample(study.store, dataset["sample_atoms"], dataset["seed"], log=log)
-    made = run_study(study, log=log)
+        write_sample(study.store, dataset["sample_atoms"], dataset["seed"])
+    made = run_study(study, log=log, cluster=cluster, force=force)
     made["store"] = os.path.normpath(made["store"])
     if "report" in made:
         made["report"] = os.path.normpath(made["report"])
