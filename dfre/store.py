@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import re
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ import zarr
 
 from dfre.defaults import CHUNK_ATOMS
 from dfre.errors import DfreError, did_you_mean
+from dfre.names import RUN_NAME, check_run_name  # noqa: F401 (part of this API)
 
 SCHEMA_VERSION = 1
 DEFAULT_CHUNK_ATOMS = CHUNK_ATOMS
@@ -48,25 +48,9 @@ RESULT_CHUNK = 1 << 16  # test environments per chunk of a result's per-environm
 
 #: Label used for structures whose info has no subset key.
 UNLABELLED = "unlabelled"
+
+
 #: What a results name may hold: one level below ``results/``, never a path.
-RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-
-
-def check_run_name(run: Any) -> str:
-    """``run`` if it names one group under ``results/``, else a one-line DfreError.
-
-    Allowed: letters, digits, ``_``, ``.`` and ``-``; not empty, not ``.`` or ``..``
-    (so writing ``results/<run>`` can never replace ``results/`` itself or anything
-    outside it).
-    """
-    if not isinstance(run, str) or not RUN_NAME.fullmatch(run) or run in (".", ".."):
-        raise DfreError(
-            f"run name {run!r} is not allowed: use letters, digits, '_', '.' and '-' "
-            "(not empty, no '/', not '.' or '..'), e.g. --run gfre-ll"
-        )
-    return run
-
-
 def _is_url(path: str) -> bool:
     return "://" in path
 

@@ -13,7 +13,7 @@ import argparse
 import math
 
 from dfre.errors import DfreError
-from dfre.store import RUN_NAME, check_run_name
+from dfre.names import RUN_NAME, check_run_name
 
 #: Numeric options by argparse ``dest``: (smallest allowed value, whether it may equal it).
 RANGES: dict[str, tuple[float, bool]] = {
