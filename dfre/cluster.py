@@ -490,8 +490,8 @@ def shared(values: list) -> list:
     given this way keep the graphs sent to the scheduler small.
     """
     client = _current_client()
-    if client is None or not values:
-        return list(values)
+    if client is None or not values or dask.base.get_scheduler() != client.get:
+        return list(values)  # no client, or another scheduler active (e.g. "sync")
     return client.scatter(list(values), hash=False, broadcast=True)
 
 

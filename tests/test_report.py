@@ -430,3 +430,33 @@ def test_figures_are_drawn_on_the_cluster_workers_alike(report_store, tmp_path):
         assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "there" / name).read_bytes()
     page = (tmp_path / "there" / "index.html").read_text()
     assert page.count("data:image/png;base64,") == 5
+
+
+def test_report_shows_error_bars_diagnostics_flags_and_warnings(sample_store_copy, tmp_path):
+    """A GFRE run of the real engine with one dominating test environment: the page shows
+    value ± error in the heat map's table, the flag with the environment behind it, the
+    feature sets' spectra and the sanity warning of a too large test set."""
+    from dfre.data.selection import selection_for_store
+    from dfre.metrics import gfre_store
+    from dfre.metrics.diagnostics import describe_rows
+
+    store = Store.open(sample_store_copy, mode="r+")
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(store.n_atoms, 4)).astype(np.float32)
+    y = np.tanh(x @ rng.normal(size=(4, 3))).astype(np.float32)
+    test = selection_for_store("random:300", store, seed=2).test
+    y[test[5]] += 30.0
+    store.create_feature("src/x", 4)[...] = x
+    store.create_feature("tgt/y", 3)[...] = y
+    result = gfre_store(store, ["src/x", "tgt/y"], "random:300", seed=2, run="flagged")
+    assert result.diagnostics.warnings  # 300 of 531 atoms tested: more than half
+    out = tmp_path / "report"
+    make_report(store, str(out), runs=["flagged"])
+    page = (out / "index.html").read_text()
+    (d,) = describe_rows(store, [test[5]])
+    where = f"structure {d['structure']} atom {d['atom']} ({d['element']}, {d['subset']})"
+    assert "Flag: src/x → tgt/y" in page and where in page
+    assert "Warning: the test set is" in page
+    assert "± (bootstrap)" in page and "rank above noise" in page
+    error = f"{result.error[0, 1]:.4f}"
+    assert error in page

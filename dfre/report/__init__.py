@@ -333,15 +333,27 @@ def fre_section(context: _StoreContext, figures: _Figures, run: str, group: Any,
     section.notes.append(MEANINGS[kind])
     section.notes.append(_selection_sentence(attrs, config, level, n_test, context))
     section.notes += fre_findings(matrix, names, label)
+    errors = np.asarray(group["error"][...]) if "error" in arrays else None
+    caption = (
+        f"{label}: row = source feature set (reconstructs), column = target (is reconstructed)"
+    )
+    if errors is not None:
+        caption += "; ± = bootstrap standard error over the test environments"
     figures.add(
         section,
-        lambda: fig.fre_heatmap(matrix, names, title=f"{label} ({run})", kind=kind),
+        lambda: fig.fre_heatmap(matrix, names, title=f"{label} ({run})", kind=kind, errors=errors),
         f"{run}-{kind}",
-        f"{label}: row = source feature set (reconstructs), column = target (is reconstructed)",
+        caption,
     )
-    numbers = [[a, b, float(matrix[i, j])] for i, a in enumerate(names) for j, b in
-               enumerate(names) if np.isfinite(matrix[i, j])]  # fmt: skip
-    columns = ["source", "target", label]
+    section.notes += diagnostics_notes(config)
+    entries = {key: np.asarray(group[key][...]) for key in ENTRY_COLUMNS if key in arrays}
+    numbers = [
+        [a, b, float(matrix[i, j]), *[float(v[i, j]) for v in entries.values()]]
+        for i, a in enumerate(names)
+        for j, b in enumerate(names)
+        if np.isfinite(matrix[i, j])
+    ]
+    columns = ["source", "target", label, *[ENTRY_COLUMNS[key] for key in entries]]
     if "cka" in arrays:
         cka = np.asarray(group["cka"][...])
         figures.add(
@@ -355,6 +367,9 @@ def fre_section(context: _StoreContext, figures: _Figures, run: str, group: Any,
         numbers = [[*row, float(cka[index[row[0]], index[row[1]]])] for row in numbers]
         columns.append("CKA")
     section.tables.append(Table(f"all {label} values as a sortable table", columns, numbers))
+    spectra = (config.get("diagnostics") or {}).get("feature_sets") or {}
+    if spectra:
+        section.tables.append(spectra_table(spectra))
     if {"pointwise", "test_rows"} <= arrays:
         pointwise = np.asarray(group["pointwise"][...])
         test_rows = np.asarray(group["test_rows"][...])
@@ -365,6 +380,88 @@ def fre_section(context: _StoreContext, figures: _Figures, run: str, group: Any,
     if isinstance(config.get("checkpoints"), dict):
         curve = _checkpoint_series(run, kind, names, matrix, config["checkpoints"])
     return section, curve
+
+
+#: Per-entry arrays of a GFRE/LFRE result shown in its table, and their column titles.
+ENTRY_COLUMNS = {
+    "error": "± (bootstrap)",
+    "alpha": "alpha",
+    "tail_share": "worst 1% share",
+    "median_error": "median error",
+    "p95_error": "95th pct error",
+}
+
+
+def diagnostics_notes(config: dict) -> list[str]:
+    """Plain-language paragraphs of a result's diagnostics: the solver path, flagged
+    entries with the environments behind them, and sanity warnings."""
+    diag = config.get("diagnostics") or {}
+    notes = []
+    if config.get("exact_path_for"):
+        notes.append(
+            "Exact path: the singular values of "
+            + ", ".join(config["exact_path_for"])
+            + " reach below what the normal equations resolve, so every map was fitted from "
+            "QR factors (skmatter's SVD path to working precision)."
+        )
+    for flag in diag.get("flags") or []:
+        value = f"{flag['value']:.4f}"
+        if flag.get("error") is not None:
+            value += f" ± {flag['error']:.4f}"
+        text = f"Flag: {flag['source']} → {flag['target']} = {value}: {'; '.join(flag['reasons'])}."
+        where = [_environment_text(env) for env in (flag.get("environments") or [])[:5]]
+        if where:
+            text += " Worst test environments: " + "; ".join(where) + "."
+        notes.append(text)
+    for warning in diag.get("warnings") or []:
+        notes.append(f"Warning: {warning}.")
+    return notes
+
+
+def _environment_text(env: dict) -> str:
+    if "structure" not in env:
+        place = f"row {env['row']}"
+    elif "atom" in env:
+        place = (
+            f"structure {env['structure']} atom {env['atom']} ({env['element']}, {env['subset']})"
+        )
+    else:
+        place = f"structure {env['structure']} ({env['subset']})"
+    return f"{place}: error {env['error']:.3g}, {env['share']:.0%} of the squared error"
+
+
+def spectra_table(spectra: dict):
+    """The feature sets' spectra: numerical rank against the storage noise floor."""
+    from dfre.report.html import Table
+
+    rows = [
+        [
+            name,
+            info["dim"],
+            info["rank"],
+            info.get("condition"),
+            info.get("noise_floor"),
+            info.get("smallest_singular_value"),
+            "exact" if info.get("exact_spectrum") else "from the Gram matrix",
+        ]
+        for name, info in spectra.items()
+    ]
+    columns = [
+        "feature set",
+        "features",
+        "rank above noise",
+        "condition (above noise)",
+        "noise floor / s_max",
+        "smallest s / s_max",
+        "spectrum",
+    ]
+    return Table(
+        "the feature sets' spectra: numerical rank above the storage noise floor "
+        "(one unit roundoff per stored value)",
+        columns,
+        rows,
+        digits=3,
+    )
 
 
 def _breakdown(section, figures, frame, names, run, kind, by, min_count) -> None:

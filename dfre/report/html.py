@@ -196,7 +196,7 @@ def render_table(table: Table, *, sortable: bool = True) -> str:
             elif isinstance(value, float) and value != value:  # NaN
                 cells.append('<td class="num" data-value="">n/a</td>')
             else:
-                text = f"{value:.{table.digits}f}" if isinstance(value, float) else f"{value:,}"
+                text = _number(value, table.digits)
                 cells.append(f'<td class="num" data-value="{value}">{text}</td>')
         rows.append(f"<tr>{''.join(cells)}</tr>")
     kind = ' class="sortable"' if sortable else ""
@@ -204,6 +204,16 @@ def render_table(table: Table, *, sortable: bool = True) -> str:
         f'<div class="scroll"><table{kind}><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></div>"
     )
+
+
+def _number(value: int | float, digits: int) -> str:
+    """Integers with separators; floats with ``digits`` decimals, or in scientific
+    notation when that would show no significant digit (or too many): 1e-9, 3.2e+10."""
+    if not isinstance(value, float):
+        return f"{value:,}"
+    if value != 0 and not 10.0 ** (-digits) <= abs(value) < 1e6:
+        return f"{value:.{max(digits - 2, 1)}e}"
+    return f"{value:.{digits}f}"
 
 
 def settings_table(config: dict) -> Table:
