@@ -46,6 +46,7 @@ import inspect
 import json
 import os
 import socket
+import stat
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -217,7 +218,8 @@ def store_lock(path: str | os.PathLike, command: str, *, create: bool = False) -
     if "://" in path or os.environ.get(LOCK_ENV, "").lower() == "off":
         yield
         return
-    if not os.path.isdir(path) and (not create or os.path.exists(path)):
+    kind = _kind(path)  # one look: another starter may create the folder meanwhile
+    if kind == "other" or (kind == "missing" and not create):
         yield  # nothing there to lock: the command fails opening it
         return
     key = os.path.realpath(path)
@@ -242,6 +244,15 @@ def store_lock(path: str | os.PathLike, command: str, *, create: bool = False) -
         with _HELD_GUARD:
             _HELD.pop(key, None)
         _release(fd, lock_path, path, made_folder)
+
+
+def _kind(path: str) -> str:
+    """``"dir"``, ``"missing"`` or ``"other"`` (a file, ...) at ``path``, from one stat."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    return "dir" if stat.S_ISDIR(mode) else "other"
 
 
 def vanished(path: str | os.PathLike) -> bool:

@@ -5,9 +5,25 @@ dataset, made once per test session; treat it as read-only. Tests that write int
 store take ``sample_store_copy``, a fresh copy in their own ``tmp_path``.
 """
 
+import re
 import shutil
 
 import pytest
+
+#: A line dfre itself writes to stderr: a timestamped progress line, or a ``dfre:`` line.
+DFRE_LINE = re.compile(r"^(\d\d:\d\d:\d\d dfre( demo| run)?: |dfre: )")
+
+
+def one_error_line(stderr: str) -> str:
+    """The single ``dfre: error:`` line of a failed command's stderr; every other line is
+    dfre's own (timestamped progress), and there is no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.splitlines()
+    errors = [line for line in lines if line.startswith("dfre: error:")]
+    assert len(errors) == 1, stderr
+    assert all(DFRE_LINE.match(line) for line in lines), stderr
+    return errors[0]
+
 
 SAMPLE_ATOMS = 500
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import bulk, fcc111, molecule
+from conftest import one_error_line
 from distributed import Client, LocalCluster
 
 from dfre.cli import main
@@ -370,9 +371,7 @@ def test_cli_no_worker_for_the_model_is_a_one_line_error(client, tmp_path, capsy
         ),
     ]:
         assert main(argv) == 2
-        err = capsys.readouterr().err.splitlines()
-        lines = [line for line in err if not line.startswith("dfre: Dask dashboard")]
-        assert len(lines) == 1 and lines[0].startswith("dfre: error: ") and fragment in lines[0]
+        assert fragment in one_error_line(capsys.readouterr().err)
     assert list(Store.open(store.path).group["features"].group_keys()) == []
 
 

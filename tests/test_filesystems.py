@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from ase.build import bulk, molecule
 from ase.io import write
+from conftest import one_error_line
 
 from dfre.store import Store
 
@@ -66,12 +67,9 @@ def dfre(*args, **kwargs) -> subprocess.CompletedProcess:
 
 
 def error_line(done: subprocess.CompletedProcess) -> str:
+    """The single ``dfre: error:`` line of a failed command (other lines are progress)."""
     assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    lines = done.stderr.splitlines()
-    errors = [line for line in lines if line.startswith("dfre: error:")]
-    assert len(errors) == 1 and all(line.startswith("dfre: ") for line in lines), done.stderr
-    return errors[0]
+    return one_error_line(done.stderr)
 
 
 def tree_hashes(root: Path) -> dict[str, str]:

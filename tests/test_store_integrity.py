@@ -25,6 +25,7 @@ import pytest
 import zarr
 from ase.build import bulk, molecule
 from ase.io import write
+from conftest import one_error_line
 
 from dfre.errors import DfreError
 from dfre.featurize import featurize
@@ -42,11 +43,7 @@ def dfre(*args: str, cwd=None) -> subprocess.CompletedProcess:
 def error_line(done: subprocess.CompletedProcess) -> str:
     """The single ``dfre: error:`` line of a failed command (other lines are progress)."""
     assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("dfre: error:")]
-    assert len(errors) == 1, done.stderr
-    assert all(line.startswith("dfre: ") for line in done.stderr.splitlines()), done.stderr
-    return errors[0]
+    return one_error_line(done.stderr)
 
 
 def tree_hashes(root: Path) -> dict[str, str]:

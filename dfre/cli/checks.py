@@ -30,6 +30,7 @@ RANGES: dict[str, tuple[float, bool]] = {
     "max_job_failures": (1, True),
     "epochs": (-math.inf, False),
     "min_distance": (0, True),
+    "min_count": (1, True),
 }
 #: Numeric options whose command checks them with its own message.
 CHECKED_BY_COMMAND = {
