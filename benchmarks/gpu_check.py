@@ -242,8 +242,10 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- the environment
 #: Imported only by Python < 3.12 (dask's importlib_metadata backport and its needs).
 PY311_BACKPORTS = {"importlib-metadata", "zipp", "lazy-importer"}
-#: Imported when present, skipped when not (tabulate's width table).
-OPTIONAL_IMPORTS = {"wcwidth"}
+#: Imported when present, skipped when not: tabulate's width table; PySocks, which
+#: requests/urllib3 import for their SOCKS proxy support when it is installed (here it
+#: comes with selenium, the report's browser test).
+OPTIONAL_IMPORTS = {"wcwidth", "pysocks"}
 VERSIONS = (
     "numpy",
     "scipy",

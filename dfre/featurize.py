@@ -615,11 +615,15 @@ def featurize_is_complete(
 
     Decided from the store and the registry alone, without loading the model: every
     layer (default: all the model offers) exists with one row per atom, every chunk is
-    recorded done, and the arrays were made by registry model ``model`` with weights of
-    the same sha256 as the weights file here. Models with other loader options than a
-    weights file (hooks, fidelities given as options) are never taken as complete.
+    recorded done (a done flag that does not decode counts as not done) and has its chunk
+    file, and the arrays were made by registry model ``model`` with weights of the same
+    sha256 as the weights file here. Feature chunks are not decoded here (that would read
+    every feature): ``dfre verify`` finds a chunk that is there but damaged. Models with
+    other loader options than a weights file (hooks, fidelities given as options) are
+    never taken as complete.
     """
     from dfre.models.base import file_sha256, get_spec
+    from dfre.verify import missing_done_chunks, readable_values
 
     spec = get_spec(model)
     options = dict(options or {})
@@ -647,8 +651,10 @@ def featurize_is_complete(
             return []
         if attrs.get("weights_sha256") != sha:
             return []
-        done = np.asarray(group[f"_done_{layer}"][...], dtype=bool)
+        done = np.asarray(readable_values(group[f"_done_{layer}"], fill=False), dtype=bool)
         if len(done) != -(-store.n_atoms // group[layer].chunks[0]) or not done.all():
+            return []
+        if missing_done_chunks(store, f"{name}/{layer}"):
             return []
     return wanted
 

@@ -221,6 +221,22 @@ def test_featurize_again_recomputes_corrupted_and_missing_chunks(tmp_path):
     assert featurize(str(damaged), "chgnet-0.3.0", **settings).n_units_computed == 0
 
 
+def test_complete_features_with_a_chunk_file_gone_are_not_taken_as_done(tmp_path):
+    path = tmp_path / "s.zarr"
+    Store.create(path, chunk_atoms=32).append(StructureBlock.from_atoms(small_structures(12)))
+    settings = dict(layers=["ll"], chunk_atoms=32, batch_atoms=64, torch_threads=1)
+    featurize(str(path), "chgnet-0.3.0", **settings)
+    want = model_arrays(path)
+    damage(path / "features/chgnet-0.3.0/ll/c/1/0", "missing")  # every done flag still set
+
+    again = featurize(str(path), "chgnet-0.3.0", **settings)
+    assert again.n_units_computed == 1
+    assert [p.split(" (file")[0] for p in again.repaired] == [
+        "chunk 1,0 of features/chgnet-0.3.0/ll"
+    ]
+    np.testing.assert_array_equal(model_arrays(path)["ll"], want["ll"])
+
+
 def test_featurize_on_corrupted_structures_is_one_line(tmp_path):
     path = tmp_path / "s.zarr"
     Store.create(path, chunk_atoms=16).append(StructureBlock.from_atoms(small_structures()))
