@@ -68,6 +68,13 @@ CASES = [
      "store {S} has no results: run `dfre gfre`, `dfre lfre` or `dfre pcovr` first"),
     ("sample-no-atoms", "sample --atoms 0 --store {S}",
      "--atoms must be a positive number of atoms, not 0"),
+    ("sample-mistyped-subset", "sample --atoms 10 --store {D}/new.zarr --subsets bulk=1,molecule=1",
+     "--subsets: no subset 'molecule' in the sample dataset (did you mean 'molecules'?); choose "
+     "from bulk, rattled-bulk, vacancies, surfaces, clusters, molecules, random-alloys"),
+    ("sample-subsets-syntax", "sample --atoms 10 --store {D}/new.zarr --subsets bulk:1",
+     "--subsets 'bulk:1': write NAME=WEIGHT pairs separated by commas, e.g. bulk=2,molecules=1"),
+    ("sample-subsets-zero", "sample --atoms 10 --store {D}/new.zarr --subsets bulk=0",
+     "--subsets: give at least one subset a positive weight"),
     # feature sets and descriptors
     ("gfre-unknown-feature-set", "gfre --store {S} --features a/x zz/y",
      "store {S} has no feature set 'zz/y'; available: a/x, b/x"),

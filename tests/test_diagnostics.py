@@ -12,7 +12,7 @@ from dfre.errors import DfreError
 from dfre.linalg.local_ridge import DEFAULT_ALPHAS, RANDOM_STATE
 from dfre.linalg.spectrum import GRAM_RESOLVED, unit_roundoff
 from dfre.metrics import gfre_matrix, gfre_store, lfre_matrix, lfre_store
-from dfre.metrics.diagnostics import TAIL_FLAG, describe_rows, tail_share
+from dfre.metrics.diagnostics import TAIL_FLAG, describe_rows, diagnose, tail_share
 from dfre.metrics.uncertainty import bootstrap_standard_error
 from dfre.store import Store
 
@@ -198,3 +198,18 @@ def test_sanity_warnings():
     )
     quiet = gfre_matrix([narrow, narrow**2], split(120, 20))
     assert quiet.diagnostics.warnings == []
+
+
+def test_tail_flags_skip_negligible_errors_and_keep_values_above_one():
+    rng = np.random.default_rng(3)
+    pointwise = np.abs(rng.normal(size=(2, 2, 300)))
+    pointwise[:, :, 0] = 1e3  # one environment carries nearly all the squared error
+    scale = np.array([[1e-6, 0.3], [2.0, 1e-4]])[:, :, None]
+    pointwise = pointwise / np.sqrt((pointwise**2).mean(-1, keepdims=True)) * scale
+    matrix = np.sqrt((pointwise**2).mean(-1))
+    diag = diagnose(["a", "b"], matrix, pointwise, np.arange(300))
+    assert (diag.tail_share > 0.99).all()
+    flagged = {(f["source"], f["target"]): f["reasons"] for f in diag.flags}
+    assert set(flagged) == {("a", "b"), ("b", "a")}  # not the diagonal at rounding level
+    assert len(flagged[("b", "a")]) == 2 and flagged[("a", "b")][0].startswith("the worst 1%")
+    assert diag.flags[0]["environments"][0]["row"] == 0

@@ -8,6 +8,7 @@ from dfre.cli import main
 from dfre.data.sample import (
     EMT_METALS,
     SUBSETS,
+    sample_source,
     sample_structures,
     write_sample,
 )
@@ -154,3 +155,25 @@ def test_interrupted_sample_resumes_and_repeats_do_nothing(tmp_path):
     write_sample(resumed, n_atoms, seed=8, energies=False, log=lines.append)
     assert "nothing to do" in lines[0]
     _assert_same(_arrays(resumed), _arrays(whole))
+
+
+def test_subset_weights_draw_only_the_subsets_named(tmp_path):
+    default = list(sample_structures(2000, seed=3, energies=False))
+    same = list(sample_structures(2000, seed=3, energies=False, subsets=None))
+    assert [a.info["subset"] for a in same] == [a.info["subset"] for a in default]
+    small = list(
+        sample_structures(2000, seed=3, energies=False, subsets={"bulk": 3, "molecules": 1})
+    )
+    counts = {s: sum(a.info["subset"] == s for a in small) for s in SUBSETS}
+    assert set(s for s, n in counts.items() if n) == {"bulk", "molecules"}
+    assert 2 < counts["bulk"] / counts["molecules"] < 4.5  # 3:1 over about 230 structures
+    assert len(small) > 2 * len(default)  # small cells: more structures for the same atoms
+
+    path = tmp_path / "s.zarr"
+    assert main(["sample", "--store", str(path), "--atoms", "300", "--seed", "3",
+                 "--no-energies", "--subsets", "bulk=3, molecules=1"]) == 0  # fmt: skip
+    store = Store.open(path)
+    assert set(store.subsets()) == {"bulk", "molecules"}
+    source = sample_source(3, 300, energies=False, subsets={"molecules": 1, "bulk": 3})
+    assert source == "dfre sample seed=3 atoms=300 subsets=bulk:0.75,molecules:0.25 no-energies"
+    assert store.provenance[0]["source"] == source

@@ -34,6 +34,12 @@ def add_parser(subparsers) -> None:
         help="EMT energies for structures of EMT metals (--no-energies: about 5x faster)",
     )
     p.add_argument(
+        "--subsets",
+        metavar="NAME=W,...",
+        help="draw only the subsets named, with these relative weights (e.g. "
+        "bulk=2,molecules=1: more, smaller structures); default: every subset",
+    )
+    p.add_argument(
         "--chunk-atoms",
         type=int,
         default=DEFAULT_CHUNK_ATOMS,
@@ -59,6 +65,31 @@ def _count(text: str) -> int:
     return int(value)
 
 
+def parse_subsets(text: str) -> dict[str, float]:
+    """``"bulk=2,molecules=1"`` as ``{"bulk": 2.0, "molecules": 1.0}``, checked by
+    :func:`dfre.data.sample.subset_probabilities` (one-line errors)."""
+    from dfre.data.sample import subset_probabilities
+    from dfre.errors import DfreError
+
+    weights: dict[str, float] = {}
+    for item in text.split(","):
+        name, sep, weight = (part.strip() for part in item.partition("="))
+        try:
+            value = float(weight)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise DfreError(
+                f"--subsets {text!r}: write NAME=WEIGHT pairs separated by commas, "
+                "e.g. bulk=2,molecules=1"
+            )
+        if name in weights:
+            raise DfreError(f"--subsets {text!r} names {name} twice: give each subset once")
+        weights[name] = value
+    subset_probabilities(weights, what="--subsets")
+    return weights
+
+
 def _wants_cluster(args: argparse.Namespace) -> bool:
     asked = any(getattr(args, k, None) for k in ("scheduler", "scheduler_file", "workers"))
     return asked or args.atoms >= LOCAL_ATOMS
@@ -70,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from dfre.errors import DfreError
     from dfre.lock import store_lock
 
+    subsets = None if args.subsets is None else parse_subsets(args.subsets)
     check_sample_size(args.store, args.atoms)  # before a cluster starts
     if args.chunk_atoms < 1:
         raise DfreError(f"--chunk-atoms must be a positive number, not {args.chunk_atoms}")
@@ -81,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             args.seed,
             chunk_atoms=args.chunk_atoms,
             energies=args.energies,
+            subsets=subsets,
             log=print,
         )
     print(f"{store.path}: {store.n_structures} structures, {store.n_atoms} atoms")

@@ -20,6 +20,11 @@ dataset:
 ``random-alloys``  fcc or bcc supercells with two to four metals on random sites,
                    Vegard lattice constant, rattled like ``rattled-bulk``.
 
+Each structure's subset is drawn with the probabilities :data:`SUBSET_WEIGHTS`, or with
+weights given per subset (``subsets={"bulk": 2, "molecules": 1}``: subsets not named are
+never drawn), e.g. to get more structures from the same number of atoms (bulk and
+molecules hold 10 and 7 atoms on average, the other subsets 21 to 39).
+
 Clipped displacements keep every interatomic distance above ``1 - 4√3·0.025 ≈ 0.83``
 of the template's nearest-neighbour distance. Elements are those both CHGNet
 (Z ≤ 94) and SevenNet-0 support: every dcdft element except Po and Rn.
@@ -37,13 +42,13 @@ import functools
 import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 from ase import Atoms
 from ase.data import atomic_numbers, reference_states
 
-from dfre.errors import DfreError
+from dfre.errors import DfreError, did_you_mean
 from dfre.lock import writes_store
 from dfre.store import DEFAULT_CHUNK_ATOMS, Store, StructureBlock, require_free_space
 from dfre.verify import require_intact_structures
@@ -273,19 +278,67 @@ def segment_targets(n_atoms: int) -> list[int]:
     return [min(SEGMENT_ATOMS, n_atoms - k * SEGMENT_ATOMS) for k in range(n_segments)]
 
 
-def sample_segment(seed: int, index: int, n_atoms: int, energies: bool = True) -> list[Atoms]:
+def subset_probabilities(
+    subsets: Mapping[str, float] | None = None, *, what: str = "subsets"
+) -> np.ndarray:
+    """Probability of each of :data:`SUBSETS`: :data:`SUBSET_WEIGHTS` for ``None``, else
+    the weights given per subset name divided by their sum (0 for subsets not named).
+
+    One-line :class:`DfreError` for an unknown subset or a weight that is negative, not
+    finite or not a number, or weights that sum to 0.
+    """
+    if subsets is None:
+        return SUBSET_WEIGHTS
+    weights = np.zeros(len(SUBSETS))
+    for name, weight in subsets.items():
+        if name not in SUBSETS:
+            raise DfreError(
+                f"{what}: no subset '{name}' in the sample dataset"
+                f"{did_you_mean(name, SUBSETS)}; choose from {', '.join(SUBSETS)}"
+            )
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise DfreError(f"{what}: the weight of {name} must be a number, not {weight!r}")
+        if not math.isfinite(weight) or weight < 0:
+            raise DfreError(f"{what}: the weight of {name} must be >= 0 and finite, not {weight}")
+        weights[SUBSETS.index(name)] = weight
+    if weights.sum() <= 0:
+        raise DfreError(f"{what}: give at least one subset a positive weight")
+    return weights / weights.sum()
+
+
+def sample_source(
+    seed: int, n_atoms: int, *, energies: bool = True, subsets: Mapping[str, float] | None = None
+) -> str:
+    """The provenance ``source`` of a sample: the same text for the same dataset."""
+    source = f"{SOURCE} seed={seed} atoms={n_atoms}"
+    if subsets is not None:
+        p = subset_probabilities(subsets)
+        drawn = [f"{s}:{w:.6g}" for s, w in zip(SUBSETS, p, strict=True) if w > 0]
+        source += " subsets=" + ",".join(drawn)
+    return source + ("" if energies else " no-energies")
+
+
+def sample_segment(
+    seed: int,
+    index: int,
+    n_atoms: int,
+    energies: bool = True,
+    subsets: Mapping[str, float] | None = None,
+) -> list[Atoms]:
     """Segment ``index`` of the sample of seed ``seed``: structures drawn from the generator
     seeded with ``(seed, index)`` until they hold at least ``n_atoms`` atoms.
 
-    Each structure carries ``info["subset"]`` and, with ``energies``, ``info["energy"]``
-    (EMT energy or NaN, see the module docstring). Segments are independent, so they can
-    be built in parallel and still give the same dataset.
+    Each structure carries ``info["subset"]`` (drawn with :func:`subset_probabilities` of
+    ``subsets``) and, with ``energies``, ``info["energy"]`` (EMT energy or NaN, see the
+    module docstring). Segments are independent, so they can be built in parallel and
+    still give the same dataset.
     """
+    probabilities = subset_probabilities(subsets)
     rng = np.random.default_rng([int(seed), int(index)])
     frames = []
     total = 0
     while total < n_atoms:
-        subset = SUBSETS[rng.choice(len(SUBSETS), p=SUBSET_WEIGHTS)]
+        subset = SUBSETS[rng.choice(len(SUBSETS), p=probabilities)]
         atoms = _BUILDERS[subset](rng)
         atoms.info = {"subset": subset}
         if energies:
@@ -295,15 +348,23 @@ def sample_segment(seed: int, index: int, n_atoms: int, energies: bool = True) -
     return frames
 
 
-def sample_structures(n_atoms: int, seed: int = 0, *, energies: bool = True) -> Iterator[Atoms]:
+def sample_structures(
+    n_atoms: int,
+    seed: int = 0,
+    *,
+    energies: bool = True,
+    subsets: Mapping[str, float] | None = None,
+) -> Iterator[Atoms]:
     """Yield the sample structures of seed ``seed``: at least ``n_atoms`` atoms in total,
     one segment (``SEGMENT_ATOMS`` atoms) in memory at a time."""
     for index, target in enumerate(segment_targets(n_atoms)):
-        yield from sample_segment(seed, index, target, energies)
+        yield from sample_segment(seed, index, target, energies, subsets)
 
 
-def _segment_block(seed: int, index: int, n_atoms: int, energies: bool) -> StructureBlock:
-    frames = sample_segment(seed, index, n_atoms, energies)
+def _segment_block(
+    seed: int, index: int, n_atoms: int, energies: bool, subsets: Mapping[str, float] | None
+) -> StructureBlock:
+    frames = sample_segment(seed, index, n_atoms, energies, subsets)
     info = {"subset": [a.info["subset"] for a in frames], "source": [SOURCE] * len(frames)}
     if energies:
         info["energy"] = [a.info["energy"] for a in frames]
@@ -327,10 +388,12 @@ def write_sample(
     *,
     chunk_atoms: int = DEFAULT_CHUNK_ATOMS,
     energies: bool = True,
+    subsets: Mapping[str, float] | None = None,
     progress=None,
     log=None,
 ) -> Store:
-    """Append the sample dataset of at least ``n_atoms`` atoms (seed ``seed``) to ``store``.
+    """Append the sample dataset of at least ``n_atoms`` atoms (seed ``seed``; subset
+    weights ``subsets``, see :func:`subset_probabilities`) to ``store``.
 
     A path that holds nothing yet becomes a new store with ``chunk_atoms`` rows per chunk.
     Segments are built as dask tasks on the active scheduler (a ``distributed.Client``
@@ -345,11 +408,11 @@ def write_sample(
     import dask
 
     check_sample_size(store, n_atoms)
+    source = sample_source(seed, n_atoms, energies=energies, subsets=subsets)
     if not isinstance(store, Store):
         store = Store.open_or_create(store, chunk_atoms=chunk_atoms)
     if store.n_structures:  # appending builds on the last chunks: they must decode
         require_intact_structures(store)
-    source = f"{SOURCE} seed={seed} atoms={n_atoms}" + ("" if energies else " no-energies")
     record = {"source": source, "format": "dfre-sample", "seed": int(seed), "complete": False}
     previous = next((r for r in store.provenance if r.get("source") == source), None)
     if previous is not None and previous.get("complete"):
@@ -379,7 +442,7 @@ def write_sample(
     make = dask.delayed(_segment_block, pure=True)
     for first in range(segments, len(targets), window):
         ks = range(first, min(first + window, len(targets)))
-        for block in dask.compute(*[make(seed, k, targets[k], energies) for k in ks]):
+        for block in dask.compute(*[make(seed, k, targets[k], energies, subsets) for k in ks]):
             pending.append(block)
             segments += 1
             if sum(b.n_atoms for b in pending) >= store.chunk_atoms and segments < len(targets):

@@ -8,7 +8,9 @@ For every computed source→target entry with pointwise errors :math:`e_i` over 
   a handful of environments decide the value;
 * ``median`` and ``p95``: the median and 95th percentile of :math:`e_i`;
 * a **flag** when :math:`E > 1` (worse than predicting the train mean: the scaled
-  target has unit total variance) or when ``tail_share`` exceeds :data:`TAIL_FLAG`;
+  target has unit total variance) or when ``tail_share`` exceeds :data:`TAIL_FLAG` and
+  :math:`E` is at least :data:`NEGLIGIBLE` (a self-reconstruction at rounding level has
+  some tail, and no meaning);
   a flagged entry names its worst environments (row and, for a store, structure, atom,
   element and subset) so they can be opened, e.g. in the chemiscope export.
 
@@ -29,6 +31,8 @@ import numpy as np
 TAIL_FRACTION = 0.01
 #: Flag an entry whose worst 1 % carry more than this share of the squared error.
 TAIL_FLAG = 0.5
+#: Errors below this (1e-3 of the target's scale) are not flagged for their tail.
+NEGLIGIBLE = 1e-3
 #: At most this many environments are named per flagged entry.
 MAX_NAMED = 10
 
@@ -103,7 +107,7 @@ def _flag(value: float, share: float) -> list[str]:
     reasons = []
     if value > 1:
         reasons.append("above 1: worse than predicting the mean of the target")
-    if share > TAIL_FLAG:
+    if share > TAIL_FLAG and value >= NEGLIGIBLE:
         reasons.append(
             f"the worst {TAIL_FRACTION:.0%} of the test environments carry {share:.0%} of the "
             "squared error"

@@ -14,6 +14,7 @@ TOML file. Example (every key but ``store`` is optional)::
     # files = ["data/*.extxyz"]    # ASE-readable files (globs), with
     # subset_key = "config_type"   # the info key naming each structure's subset
     seed = 0
+    # subsets = {bulk = 2, molecules = 1}   # sample subsets drawn, by weight (default: all)
 
     [features]
     models = ["chgnet-0.3.0", "sevennet-0"]
@@ -75,6 +76,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "format": str,
         "subset_key": str,
         "seed": int,
+        "subsets": dict,
         "chunk_atoms": int,
     },
     "features": {"models": list, "layers": list, "batch_atoms": int, "device": str},
@@ -184,6 +186,13 @@ def _check_table(path: str, table: str, value: Any, index: int | None) -> dict:
             raise DfreError(
                 f"study file {path}: {where} key '{key}' must be {expected.__name__}, got {item!r}"
             )
+    if table == "dataset" and "subsets" in value:
+        from dfre.data.sample import subset_probabilities
+
+        try:
+            subset_probabilities(value["subsets"])
+        except DfreError as error:
+            raise DfreError(f"study file {path}: [dataset] {error}") from None
     if isinstance(value.get("k"), str) and value["k"] not in ("min", "max"):
         raise DfreError(
             f'study file {path}: {where} k = {value["k"]!r}; give a number, "min" or "max"'
@@ -380,7 +389,13 @@ def _dataset(study: Study, folder: str, log: Callable[[str], None]) -> str:
     elif "sample_atoms" in spec:
         from dfre.data.sample import write_sample
 
-        write_sample(study.store, spec["sample_atoms"], spec.get("seed", 0), chunk_atoms=chunk)
+        write_sample(
+            study.store,
+            spec["sample_atoms"],
+            spec.get("seed", 0),
+            chunk_atoms=chunk,
+            subsets=spec.get("subsets"),
+        )
     else:
         raise DfreError("[dataset] needs sample_atoms = N or files = [...]")
     store = Store.open(study.store)

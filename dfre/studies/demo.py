@@ -121,7 +121,7 @@ def write_demo_study(
         raise DfreError(f"report folder {out} is a file: give a directory with --out")
     if os.path.isfile(store):
         raise DfreError(f"store {store} is a file: give a directory with --store")
-    _check_store_sample(store, data["dataset"]["sample_atoms"], data["dataset"]["seed"])
+    _check_store_sample(store, data["dataset"])
     os.makedirs(out, exist_ok=True)
     data["store"] = os.path.relpath(store, out)
     data["report"]["out"] = "."
@@ -135,14 +135,15 @@ def write_demo_study(
     return path
 
 
-def _check_store_sample(store: str, atoms: int, seed: int) -> None:
-    """A store that exists must hold the demo's sample (same atoms and seed), nothing else."""
-    from dfre.data.sample import SOURCE
+def _check_store_sample(store: str, dataset: dict[str, Any]) -> None:
+    """A store that exists must hold the demo's sample (same atoms, seed and subset
+    weights), nothing else."""
+    from dfre.data.sample import sample_source
     from dfre.store import Store
 
     if not (os.path.isdir(store) and _has_data(store)):
         return
-    source = f"{SOURCE} seed={seed} atoms={atoms}"
+    source = sample_source(dataset["seed"], dataset["sample_atoms"], subsets=dataset.get("subsets"))
     sources = [r.get("source") for r in Store.open(store).provenance]
     if sources != [source]:
         held = ", ".join(str(s) for s in sources) or "no structures"
@@ -181,7 +182,9 @@ def run_demo(
     study = load_study(path)
     dataset = study.get("dataset")
     if os.path.isdir(study.store) and _has_data(study.store):
-        write_sample(study.store, dataset["sample_atoms"], dataset["seed"])
+        write_sample(
+            study.store, dataset["sample_atoms"], dataset["seed"], subsets=dataset.get("subsets")
+        )
     made = run_study(study, log=log, cluster=cluster, force=force)
     made["store"] = os.path.normpath(made["store"])
     if "report" in made:
