@@ -118,7 +118,7 @@ def noise(store, n_structures: int) -> None:
 
 def _table(title: str, names, values: dict) -> None:
     print(f"\n{title}")
-    width = 22
+    width = 26
     print("pair".ljust(12) + "".join(label.rjust(width) for label in values))
     m = len(names)
     for a in range(m):

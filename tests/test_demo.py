@@ -40,11 +40,11 @@ def test_demo_end_to_end_and_rerun(tmp_path, capsys):
         "gfre-fine-tune",
         "lfre-fine-tune",
         "gfre-backbone-vs-last-layer",
-        "gfre-orders-cumulants-chgnet-0.3.0-ll-M4",
-        "pcovr-cumulants-chgnet-0.3.0-ll-M4",
+        "gfre-orders-cumulants-chgnet-0.3.0-ll-M8",
+        "pcovr-cumulants-chgnet-0.3.0-ll-M8",
     }
     assert set(store.result_names()) == expected  # "variants" needs two of its models
-    for run in expected - {"pcovr-cumulants-chgnet-0.3.0-ll-M4"}:
+    for run in expected - {"pcovr-cumulants-chgnet-0.3.0-ll-M8"}:
         matrix = np.asarray(store.result(run)["matrix"][...])
         assert np.isfinite(matrix).all(), run
         if "cumulants" not in run:  # ~10 structures are too few for the structure level
@@ -54,7 +54,7 @@ def test_demo_end_to_end_and_rerun(tmp_path, capsys):
     assert cross.attrs["selection"] == "stratified:50"  # capped at a quarter of the atoms
     off_diagonal = np.asarray(cross["matrix"][...])[[0, 1], [1, 0]]
     assert (off_diagonal > 0.01).all()  # two different models
-    pcovr = store.result("pcovr-cumulants-chgnet-0.3.0-ll-M4")
+    pcovr = store.result("pcovr-cumulants-chgnet-0.3.0-ll-M8")
     assert np.isfinite(pcovr["coordinates"][...]).all()
     html = (out / "index.html").read_text()
     assert html.count("data:image/png") >= 10
@@ -162,4 +162,4 @@ def test_default_demo_gives_its_cumulant_study_enough_structures():
     ]
     selection = make_selection(cumulants["selection"], n_structures, seed=0)
     assert selection_warnings(names, dims, selection.folds, range(len(names))) == []
-    assert n_structures > 300
+    assert n_structures > 1024
