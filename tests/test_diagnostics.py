@@ -8,6 +8,7 @@ from skmatter.linear_model import Ridge2FoldCV
 from skmatter.metrics import global_reconstruction_error as sk_gfre
 from skmatter.metrics import pointwise_local_reconstruction_error as sk_pw_lfre
 
+from dfre.data.selection import make_selection
 from dfre.errors import DfreError
 from dfre.linalg.local_ridge import DEFAULT_ALPHAS, RANDOM_STATE
 from dfre.linalg.spectrum import GRAM_RESOLVED, unit_roundoff
@@ -191,13 +192,19 @@ def test_sanity_warnings():
     result = gfre_matrix([wide, narrow], split(120, 70))  # 50 train rows, 64 features
     warnings = result.diagnostics.warnings
     assert any("64 features but only 50 train" in w for w in warnings)
-    assert any("test set is 58%" in w for w in warnings)
+    assert any(
+        "test set is 58% of the selected environments (70 test, 50 train)" in w for w in warnings
+    )
     lfre = lfre_matrix([narrow, narrow**2], split(120, 70), k=50)
     assert any(
         "k = 50 neighbours is at or above the 50 train" in w for w in lfre.diagnostics.warnings
     )
     quiet = gfre_matrix([narrow, narrow**2], split(120, 20))
     assert quiet.diagnostics.warnings == []
+    odd = make_selection("kfold:2", 121, seed=0)  # folds of 61 and 60 test rows
+    assert sorted(len(test) for _, test in odd.folds) == [60, 61]
+    x = rng.normal(size=(121, 3))
+    assert gfre_matrix([x, np.tanh(x)], odd).diagnostics.warnings == []
 
 
 def test_tail_flags_skip_negligible_errors_and_keep_values_above_one():

@@ -190,13 +190,15 @@ def selection_warnings(
                 f"are underdetermined (the CV keeps at most {n_train} directions); select more "
                 f"{rows} or use fewer features"
             )
-    n_test = sum(len(test) for _, test in folds)
-    n_all = len(np.union1d(folds[0][0], folds[0][1]))
-    share = max(len(test) / (len(train) + len(test)) for train, test in folds)
-    if share > 0.5:
+    # The fold with the largest test share; one row over half is rounding (kfold:2 of an
+    # odd number of rows), not a test set larger than the train set.
+    train, test = max(folds, key=lambda fold: len(fold[1]) / (len(fold[0]) + len(fold[1])))
+    if len(test) > len(train) + 1:
+        share = len(test) / (len(train) + len(test))
         out.append(
-            f"the test set is {share:.0%} of the selected {rows} ({n_test} of {n_all}): the "
-            "maps are fitted on fewer rows than they are tested on; choose a smaller test set"
+            f"the test set is {share:.0%} of the selected {rows} ({len(test)} test, "
+            f"{len(train)} train): the maps are fitted on fewer rows than they are tested on; "
+            "choose a smaller test set"
         )
     if k is not None and (k > 0).any() and int(k.max()) >= n_train:
         out.append(
