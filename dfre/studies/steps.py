@@ -102,6 +102,17 @@ class Steps:
             yield step
         self.records.append(Record(self.stage, what, time.perf_counter() - start))
 
+    def _result(self, run: str, key: str, what: str, compute: Callable[[], Any]) -> str:
+        """``results/<run>``: reused when its key is ``key`` (unless forced), else made by
+        ``compute()`` and stamped with ``key``; returns ``run``."""
+        if not self.force and reusable(self.store, run, key):
+            self._reused(what)
+            return run
+        with self._computing(what):
+            compute()
+        stamp(self.store, run, key)
+        return run
+
     # ---------------------------------------------------------------- features
     def featurize(
         self,
@@ -182,10 +193,8 @@ class Steps:
             check_train_rows(chosen, needed, f"LFRE with k = {needed} neighbours", LOWER_K)
         key = input_key(self.store, metric, names, settings)
         what = f"results/{run}: {metric.upper()} of {len(names)} feature sets"
-        if not self.force and reusable(self.store, run, key):
-            self._reused(what)
-            return run
-        with self._computing(what):
+
+        def compute() -> None:
             if metric == "gfre":
                 from dfre.metrics.gfre import gfre_store
 
@@ -194,8 +203,8 @@ class Steps:
                 from dfre.metrics.lfre import lfre_store
 
                 lfre_store(self.store, names, chosen, k=k, run=run, seed=seed, **options)
-        stamp(self.store, run, key)
-        return run
+
+        return self._result(run, key, what, compute)
 
     def checkpoints(
         self,
@@ -230,11 +239,11 @@ class Steps:
         }
         key = input_key(self.store, f"{metric}-checkpoints", names, settings)
         what = f"results/{run}: {metric.upper()} along {len(names)} checkpoints"
-        if not self.force and reusable(self.store, run, key):
-            self._reused(what)
-            return run
-        with self._computing(what):
-            checkpoint_trajectory(
+        return self._result(
+            run,
+            key,
+            what,
+            lambda: checkpoint_trajectory(
                 self.store,
                 names,
                 epochs=epochs,
@@ -244,9 +253,8 @@ class Steps:
                 seed=seed,
                 k=k,
                 run=run,
-            )
-        stamp(self.store, run, key)
-        return run
+            ),
+        )
 
     # ---------------------------------------------------------------- cumulants
     def cumulants(
@@ -293,15 +301,14 @@ class Steps:
         settings = {"metric": metric, "selection": selection, "seed": seed, "k": k}
         key = input_key(self.store, "cumulant-orders", [descriptor], settings)
         what = f"results/{run}: {metric.upper()} between the cumulant orders of {descriptor}"
-        if not self.force and reusable(self.store, run, key):
-            self._reused(what)
-            return run
-        with self._computing(what):
-            cumulant_order_study(
+        return self._result(
+            run,
+            key,
+            what,
+            lambda: cumulant_order_study(
                 self.store, descriptor, metric=metric, selection=selection, seed=seed, k=k, run=run
-            )
-        stamp(self.store, run, key)
-        return run
+            ),
+        )
 
     def cross_model_cumulants(
         self,
@@ -322,11 +329,11 @@ class Steps:
         settings = {"metric": metric, "selection": selection, "seed": seed, "k": k}
         key = input_key(self.store, "cross-model-cumulants", list(descriptors), settings)
         what = f"results/{run}: {metric.upper()} between {len(descriptors)} cumulant descriptors"
-        if not self.force and reusable(self.store, run, key):
-            self._reused(what)
-            return run
-        with self._computing(what):
-            cross_model_cumulants(
+        return self._result(
+            run,
+            key,
+            what,
+            lambda: cross_model_cumulants(
                 self.store,
                 list(descriptors),
                 metric=metric,
@@ -334,9 +341,8 @@ class Steps:
                 seed=seed,
                 k=k,
                 run=run,
-            )
-        stamp(self.store, run, key)
-        return run
+            ),
+        )
 
     # ---------------------------------------------------------------- maps
     def pcovr(self, descriptor: str, *, run: str | None = None, **options: Any) -> str:
@@ -353,13 +359,9 @@ class Steps:
             self.store, "pcovr", [descriptor], options, arrays=["structures/numbers", *info]
         )
         what = f"results/{run}: PCovR map of {descriptor}"
-        if not self.force and reusable(self.store, run, key):
-            self._reused(what)
-            return run
-        with self._computing(what):
-            pcovr_map(self.store, descriptor, run=run, **options)
-        stamp(self.store, run, key)
-        return run
+        return self._result(
+            run, key, what, lambda: pcovr_map(self.store, descriptor, run=run, **options)
+        )
 
 
 def _require_descriptor(store: Any, name: str) -> None:
