@@ -6,7 +6,7 @@ fresh ``dfre`` process:
   store, no model loaded, no cluster started);
 - ``dfre demo`` run again on a finished demo (every result up to date: only the report).
 
-    python benchmarks/bench_startup.py --repeat 5 --workdir /tmp/dfre-startup
+    python benchmarks/bench_startup.py --repeat 5
 
 The first run prepares the stores (a small demo with two CHGNet models); the times
 printed exclude it. Also prints ``python -X importtime``'s five slowest imports of
@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 DFRE = [sys.executable, "-m", "dfre"]
@@ -57,7 +58,12 @@ def slowest_imports(cwd: str, count: int = 5) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--workdir", default="dfre-startup-bench")
+    parser.add_argument(
+        "--workdir",
+        default=os.path.join(tempfile.gettempdir(), "dfre-startup-bench"),
+        help="where the small demo goes (default: dfre-startup-bench in the temporary "
+        "folder, reused by a later run; never the working tree)",
+    )
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     cwd = os.path.abspath(args.workdir)
