@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dfre.cli.options import add_store_argument
+from dfre.cli.options import add_positional_store_argument, positional_store
 
 
 def add_parser(subparsers) -> None:
@@ -15,23 +15,15 @@ def add_parser(subparsers) -> None:
         description="Summarise a dfre store: sizes, elements, subsets, structure info keys, "
         "feature sets with shapes and completeness, descriptors, results, provenance.",
     )
-    p.add_argument(
-        "store_path", nargs="?", metavar="STORE", help="the store, as --store (either form)"
-    )
-    add_store_argument(p, required=False)
+    add_positional_store_argument(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from dfre.errors import DfreError
     from dfre.store import Store
 
-    if args.store and args.store_path and args.store != args.store_path:
-        raise DfreError(f"two stores given ({args.store_path} and --store {args.store}): give one")
-    path = args.store or args.store_path
-    if not path:
-        raise DfreError("give the store: dfre info --store PATH (or dfre info PATH)")
+    path = positional_store(args, "give the store: dfre info --store PATH (or dfre info PATH)")
     summary = Store.open(path).summary()
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0

@@ -4,7 +4,8 @@ This module imports nothing heavy (no numpy, Dask, Zarr or torch): the parser of
 command is built from it, and ``dfre --help`` must start fast.
 
 - ``--store PATH`` names the store in every command that reads or writes one
-  (:func:`add_store_argument`; ``dfre info`` also takes it as a positional argument);
+  (:func:`add_store_argument`; ``dfre info`` and ``dfre verify`` also take it as a
+  positional argument: :func:`add_positional_store_argument`);
 - ``--features A B ...`` lists feature sets (:func:`add_features_argument`; repeating
   the option adds more: ``--features A --features B``);
 - the cluster options (:func:`add_cluster_arguments`) choose where a command computes.
@@ -32,6 +33,28 @@ def add_store_argument(
     """``--store PATH`` (required unless ``kwargs`` say otherwise)."""
     kwargs.setdefault("required", True)
     parser.add_argument("--store", metavar="PATH", help=help, **kwargs)
+
+
+def add_positional_store_argument(parser: argparse.ArgumentParser) -> None:
+    """The store as ``STORE`` or ``--store PATH`` (either form; read by
+    :func:`positional_store`)."""
+    parser.add_argument(
+        "store_path", nargs="?", metavar="STORE", help="the store, as --store (either form)"
+    )
+    add_store_argument(parser, required=False)
+
+
+def positional_store(args: argparse.Namespace, missing: str) -> str:
+    """The store given as ``STORE`` or ``--store``; a one-line error for two different
+    stores, or for none (``missing`` says how to give it)."""
+    from dfre.errors import DfreError
+
+    if args.store and args.store_path and args.store != args.store_path:
+        raise DfreError(f"two stores given ({args.store_path} and --store {args.store}): give one")
+    path = args.store or args.store_path
+    if not path:
+        raise DfreError(missing)
+    return path
 
 
 def add_features_argument(

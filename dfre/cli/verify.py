@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from dfre.errors import DfreError
+from dfre.cli.options import add_positional_store_argument, positional_store
 
 
 def add_parser(subparsers) -> None:
@@ -19,8 +19,7 @@ def add_parser(subparsers) -> None:
         "written exist. Prints one line per problem; exit status 0 when there is none, 2 "
         "otherwise. Read-only: works on stores on read-only file systems.",
     )
-    p.add_argument("store_path", nargs="?", metavar="STORE", help="the store (same as --store)")
-    p.add_argument("--store", help="dfre store (path or URL)")
+    add_positional_store_argument(p)
     p.set_defaults(handler=run)
 
 
@@ -28,12 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from dfre.store import Store
     from dfre.verify import corruption_error, store_arrays, verify_store
 
-    if args.store and args.store_path and args.store != args.store_path:
-        raise DfreError(f"two stores given ({args.store_path} and --store {args.store}): give one")
-    path = args.store or args.store_path
-    if not path:
-        raise DfreError("give the store to check: dfre verify --store STORE")
-    store = Store.open(path)
+    store = Store.open(positional_store(args, "give the store to check: dfre verify --store STORE"))
     start = time.perf_counter()
     n_arrays = len(store_arrays(store))
     problems = verify_store(store)
