@@ -75,10 +75,10 @@ def parse_subsets(text: str) -> dict[str, float]:
     for item in text.split(","):
         name, sep, weight = (part.strip() for part in item.partition("="))
         try:
-            value = float(weight)
+            value = float(weight) if sep and name else None
         except ValueError:
-            sep = ""
-        if not sep or not name:
+            value = None
+        if value is None:
             raise DfreError(
                 f"--subsets {text!r}: write NAME=WEIGHT pairs separated by commas, "
                 "e.g. bulk=2,molecules=1"
