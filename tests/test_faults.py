@@ -45,10 +45,15 @@ class KillWorkerOnce(SchedulerPlugin):
         name = key[0] if isinstance(key, tuple) else key
         if not str(name).startswith(self.prefix):
             return
+        task = self.scheduler.tasks[key]
+        if task.run_spec is None:
+            # scattered data (dfre.cluster.shared): it reaches memory on one worker
+            # before the scheduler replicates it, and no task can recompute it, so a kill
+            # in that window loses it for good; the faults tested here are lost results
+            return
         self.seen += 1
         if self.seen < self.nth:
             return
-        task = self.scheduler.tasks[key]
         worker = task.processing_on if finish == "processing" else next(iter(task.who_has), None)
         if worker is None or not worker.pid:
             return
